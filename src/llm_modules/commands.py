@@ -1,0 +1,36 @@
+"""Small commands: ``llm-modules generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .generate import render_prompt, stream_generate
+
+
+def generate_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llm-modules generate", description="Generate from a saved composed model.")
+    parser.add_argument("model", help="folder written by save_pretrained() / llm-modules train")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--system", default=None, help="system message (chat template only)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from .modeling import LLMModulesForCausalLM
+
+    model = LLMModulesForCausalLM.from_pretrained(args.model).to(args.device)
+    prompt = render_prompt(model.tokenizer, args.prompt, args.system, args.raw)
+    for piece in stream_generate(
+        model, model.tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

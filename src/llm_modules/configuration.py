@@ -1,0 +1,64 @@
+"""``LLMModulesConfig``: everything needed to rebuild a composed model, with clear validation."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .errors import LLMModulesError
+
+TOPOLOGIES = ("bridge",)
+TARGET_INITS = ("pretrained", "random")
+GATES = ("sigmoid", "tanh")
+HEADS = ("new", "source")
+
+
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise LLMModulesError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+class LLMModulesConfig(PreTrainedConfig):
+    """Configuration of a source -> Enhanced Cross-Attention -> target composition.
+
+    The source is referenced (``source_name_or_path`` + ``source_revision``), never copied; the
+    target's architecture is stored in full (``target_config``) so that the trainable weights
+    saved beside this config rebuild it without the target's original folder.
+
+    Paper defaults (Kolomeitsev 2025): 2 connector layers, 8 heads, adapter width 256,
+    intermediate width (d_source + d_target) // 2, sigmoid gate, new head over the source vocabulary.
+    """
+
+    model_type = "llm_modules"
+
+    topology: str = "bridge"
+    source_name_or_path: str | None = None
+    source_revision: str | None = None
+    source_config: dict | None = None
+    source_layer: int = -1
+    source_dtype: str | None = None
+    target_name_or_path: str | None = None
+    target_config: dict | None = None
+    target_init: str = "pretrained"
+    leaky: bool = False
+    gate: str = "sigmoid"
+    connector_layers: int = 2
+    heads: int = 8
+    adapter_dim: int = 256
+    intermediate_dim: int | None = None
+    attention_dropout: float = 0.1
+    head: str = "new"
+    vocab_size: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        _check_choice("topology", self.topology, TOPOLOGIES)
+        _check_choice("target_init", self.target_init, TARGET_INITS)
+        _check_choice("gate", self.gate, GATES)
+        _check_choice("head", self.head, HEADS)
+        for name in ("connector_layers", "heads", "adapter_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (0 if name == "connector_layers" else 1):
+                raise LLMModulesError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= float(self.attention_dropout) < 1.0:
+            raise LLMModulesError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        super().__post_init__(**kwargs)

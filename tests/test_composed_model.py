@@ -1,0 +1,212 @@
+"""The composed model: build, train step, causality, caching, save/load, errors."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+from llm_modules import LLMModulesError, LLMModulesForCausalLM
+from llm_modules.masks import cross_attention_allowed, token_end_offsets
+
+SMALL = dict(heads=4, adapter_dim=16)
+PAIRS = [
+    ("qwen2", "gpt_neo"),  # the paper's pair
+    ("llama", "gpt2"),
+    ("gpt_neox", "opt"),
+    ("mistral", "phi"),
+    ("gemma", "llama"),
+    ("phi", "gpt_neox"),
+]
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "A small model"]
+
+
+def compose(model_folder, source="qwen2", target="gpt_neo", **options):
+    torch.manual_seed(0)
+    model = LLMModulesForCausalLM.compose(
+        model_folder(source, hidden=48), model_folder(target), **{**SMALL, "attention_dropout": 0.0, **options}
+    )
+    return model.eval()
+
+
+def batch(tokenizer, texts=TEXTS):
+    return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+
+
+@pytest.mark.parametrize("source,target", PAIRS)
+def test_families_compose_train_and_generate(model_folder, tokenizer, source, target):
+    model = compose(model_folder, source, target).train()
+    inputs = batch(tokenizer)
+    labels = inputs.input_ids.masked_fill(inputs.attention_mask == 0, -100)
+    output = model(**inputs, labels=labels)
+    assert output.logits.shape == (*inputs.input_ids.shape, model.config.vocab_size)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert all(p.grad is not None for p in model.connector.parameters() if p.requires_grad)
+    generated = model.eval().generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (2, inputs.input_ids.shape[1] + 5)
+
+
+@pytest.mark.parametrize("source,target", [PAIRS[0], PAIRS[1]])
+def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target):
+    ids = tokenizer("The quick brown fox jumps over the lazy dog again", return_tensors="pt").input_ids
+    cut = ids.shape[1] // 2
+    perturbed = ids.clone()
+    perturbed[:, cut + 1 :] = torch.randint(10, 300, perturbed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(0))
+    causal = compose(model_folder, source, target)
+    with torch.no_grad():
+        a, b = causal(ids).logits, causal(perturbed).logits
+    torch.testing.assert_close(a[:, : cut + 1], b[:, : cut + 1], rtol=0, atol=1e-5)
+    assert (a[:, cut + 1 :] - b[:, cut + 1 :]).abs().max() > 1e-3  # the future itself did change
+
+    leaky = compose(model_folder, source, target, leaky=True)
+    with torch.no_grad():
+        a, b = leaky(ids).logits, leaky(perturbed).logits
+    assert (a[:, : cut + 1] - b[:, : cut + 1]).abs().max() > 1e-3  # the released mask reads the future
+
+
+def test_only_bridge_parameters_train_and_source_is_untouched(model_folder, tokenizer):
+    model = compose(model_folder).train()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(not name.startswith("source.") for name in trainable)
+    assert not any(name.startswith("target.") and "wte" in name for name in trainable)  # unused token embeddings
+    groups = model.trainable_parameter_groups()
+    assert sum(len(g) for g in groups.values()) == len(trainable) and groups["connector"] and groups["target"]
+    before = {k: v.clone() for k, v in model.source.state_dict().items()}
+    trained_before = model.lm_head.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = batch(tokenizer)
+    model(**inputs, labels=inputs.input_ids).loss.backward()
+    optimizer.step()
+    assert not model.source.training
+    for key, value in model.source.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not torch.equal(model.lm_head.weight, trained_before)
+
+
+@pytest.mark.parametrize("source,target", [PAIRS[0], PAIRS[3]])
+def test_cached_generation_equals_full_recomputation(model_folder, tokenizer, source, target):
+    model = compose(model_folder, source, target)
+    inputs = batch(tokenizer)
+    settings = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(**inputs, use_cache=True, **settings)
+    recomputed = model.generate(**inputs, use_cache=False, **settings)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=0, atol=1e-4)
+    # Left padding changes nothing: each row alone scores the same as inside the padded batch.
+    for row, text in enumerate(TEXTS):
+        alone = model.generate(**tokenizer(text, return_tensors="pt"), **settings)
+        assert torch.equal(alone.sequences[0, -12:], cached.sequences[row, -12:])
+        torch.testing.assert_close(
+            torch.stack(alone.scores)[:, 0], torch.stack(cached.scores)[:, row], rtol=0, atol=1e-4
+        )
+
+
+def test_leaky_generation_recomputes_the_prefix(model_folder, tokenizer):
+    model = compose(model_folder, leaky=True)
+    inputs = tokenizer("The quick brown", return_tensors="pt")
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    ids = inputs.input_ids
+    with torch.no_grad():
+        for _ in range(4):  # the release's loop: whole prefix, last position
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_sampling_and_streaming(model_folder, tokenizer):
+    model = compose(model_folder)
+    inputs = batch(tokenizer)
+    torch.manual_seed(1)
+    first = model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.95)
+    torch.manual_seed(1)
+    second = model.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=0.9, top_p=0.95)
+    assert torch.equal(first, second)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    single = tokenizer("The quick", return_tensors="pt")
+    thread = threading.Thread(
+        target=model.generate, kwargs=dict(**single, max_new_tokens=6, do_sample=False, streamer=streamer)
+    )
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    expected = model.generate(**single, max_new_tokens=6, do_sample=False)
+    assert streamed == tokenizer.decode(expected[0, single.input_ids.shape[1] :])
+
+
+def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path):
+    model = compose(model_folder, gate="tanh")
+    with torch.no_grad():  # move the gates off zero so the round trip is not trivially equal
+        for layer in model.connector.layers:
+            layer.gate_alpha.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        keys = list(saved.keys())
+    assert keys and not any(k.startswith("source.") for k in keys)
+    assert not any("wte" in k for k in keys)
+    assert (tmp_path / "README.md").read_text().count(model.config.source_name_or_path) >= 1
+    inputs = batch(tokenizer)
+    for loaded in (LLMModulesForCausalLM.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert isinstance(loaded, LLMModulesForCausalLM)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+        assert loaded.tokenizer(TEXTS[0]).input_ids == tokenizer(TEXTS[0]).input_ids
+
+
+def test_tanh_gate_starts_closed(model_folder, tokenizer):
+    model = compose(model_folder, gate="tanh", connector_layers=3)
+    states = torch.randn(1, 5, 48)
+    allowed = cross_attention_allowed(torch.arange(5)[None], torch.arange(5)[None])
+    full, _ = model.connector(states, allowed)
+    bare = model.connector.intermediate(model.connector.pre_proj(states))
+    torch.testing.assert_close(full, bare + model.connector.proj(model.connector.pre_proj(states)))
+    assert model.connector.gate_values() == [0.0, 0.0, 0.0]
+
+
+def test_character_offset_rule_matches_index_rule_for_one_tokenizer(tokenizer):
+    encoded = tokenizer(TEXTS, return_tensors="pt", padding=True, return_offsets_mapping=True)
+    ends = token_end_offsets(encoded.offset_mapping, encoded.attention_mask)
+    by_offsets = cross_attention_allowed(ends, ends, encoded.attention_mask)
+    positions = torch.arange(ends.shape[1]).expand_as(ends)
+    by_index = cross_attention_allowed(positions, positions, encoded.attention_mask)
+    real = encoded.attention_mask.bool()
+    assert torch.equal(by_offsets[real], by_index[real])
+    # A target token ending mid-way through a source token cannot read that source token.
+    query_ends = torch.tensor([[3, 7]])
+    key_ends = torch.tensor([[2, 5, 7]])
+    assert cross_attention_allowed(query_ends, key_ends).tolist() == [[[True, False, False], [True, True, True]]]
+
+
+def test_bad_inputs_give_actionable_errors(model_folder, tokenizer, tmp_path):
+    with pytest.raises(LLMModulesError, match="does not exist"):
+        LLMModulesForCausalLM.compose("./no/such/model", model_folder("gpt_neo"))
+    with pytest.raises(LLMModulesError, match="gate"):
+        compose(model_folder, gate="relu")
+    with pytest.raises(LLMModulesError, match="unknown option"):
+        compose(model_folder, layers=3)
+    with pytest.raises(ValueError, match="divisible"):
+        compose(model_folder, heads=5)
+    with pytest.raises(LLMModulesError, match="PreTrainedModel"):
+        LLMModulesForCausalLM.compose(torch.nn.Linear(2, 2), model_folder("gpt_neo"), tokenizer=tokenizer)
+    with pytest.raises(LLMModulesError, match="save_pretrained"):
+        LLMModulesForCausalLM.from_pretrained(tmp_path)
+
+    class NoStates(torch.nn.Module):  # a base model that returns logits only
+        def forward(self, **kwargs):
+            return {"logits": torch.zeros(1)}
+
+    model = compose(model_folder)
+    model.source.base_model_prefix = "no_states"
+    model.source.no_states = NoStates()
+    with pytest.raises(LLMModulesError, match="no hidden states"):
+        model(**batch(tokenizer))
+
+
+def test_length_beyond_learned_positions_is_refused(model_folder, tokenizer):
+    model = LLMModulesForCausalLM.compose(
+        model_folder("qwen2", hidden=48), model_folder("gpt_neo", max_positions=8), **SMALL
+    )
+    with pytest.raises(LLMModulesError, match="max_position_embeddings=8"):
+        model(torch.ones(1, 9, dtype=torch.long))

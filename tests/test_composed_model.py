@@ -50,19 +50,21 @@ def test_families_compose_train_and_generate(model_folder, tokenizer, source, ta
     assert generated.shape == (2, inputs.input_ids.shape[1] + 5)
 
 
-@pytest.mark.parametrize("source,target", [PAIRS[0], PAIRS[1]])
-def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target):
+@pytest.mark.parametrize(
+    "source,target,head", [(*PAIRS[0], "new"), (*PAIRS[1], "new"), (*PAIRS[0], "source"), (*PAIRS[0], "source_mix")]
+)
+def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target, head):
     ids = tokenizer("The quick brown fox jumps over the lazy dog again", return_tensors="pt").input_ids
     cut = ids.shape[1] // 2
     perturbed = ids.clone()
     perturbed[:, cut + 1 :] = torch.randint(10, 300, perturbed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(0))
-    causal = compose(model_folder, source, target)
+    causal = compose(model_folder, source, target, head=head)
     with torch.no_grad():
         a, b = causal(ids).logits, causal(perturbed).logits
     torch.testing.assert_close(a[:, : cut + 1], b[:, : cut + 1], rtol=0, atol=1e-5)
     assert (a[:, cut + 1 :] - b[:, cut + 1 :]).abs().max() > 1e-3  # the future itself did change
 
-    leaky = compose(model_folder, source, target, leaky=True)
+    leaky = compose(model_folder, source, target, leaky=True, head=head)
     with torch.no_grad():
         a, b = leaky(ids).logits, leaky(perturbed).logits
     assert (a[:, : cut + 1] - b[:, : cut + 1]).abs().max() > 1e-3  # the released mask reads the future
@@ -136,8 +138,9 @@ def test_sampling_and_streaming(model_folder, tokenizer):
     assert streamed == tokenizer.decode(expected[0, single.input_ids.shape[1] :])
 
 
-def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path):
-    model = compose(model_folder, gate="tanh")
+@pytest.mark.parametrize("head", ["new", "source_mix"])
+def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path, head):
+    model = compose(model_folder, gate="tanh", head=head)
     with torch.no_grad():  # move the gates off zero so the round trip is not trivially equal
         for layer in model.connector.layers:
             layer.gate_alpha.fill_(0.3)

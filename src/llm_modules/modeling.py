@@ -117,12 +117,15 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             gate=config.gate,
             attention_dropout=config.attention_dropout,
         )
-        if config.head == "new":
-            self.lm_head = nn.Linear(d_target, config.vocab_size, bias=False)
-        else:
-            if source is None:
-                raise LLMModulesError("head='source' reads the source's output head; load the source (source=...)")
+        if config.head == "source":
             self.head_projection = nn.Linear(d_target, d_source, bias=False)
+        else:
+            self.lm_head = nn.Linear(d_target, config.vocab_size, bias=False)
+        if config.head == "source_mix":
+            if config.source_layer != -1:
+                raise LLMModulesError("head='source_mix' reads the source's last layer; use source_layer=-1")
+            # Per-position probability of taking the source's own next-token distribution; starts at 0.5.
+            self.mix_gate = nn.Linear(d_target, 1)
         self.post_init()
         # Attached after post_init so that HF weight initialisation never touches pretrained weights.
         self.target = target
@@ -351,7 +354,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = target_output.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self._head(hidden)
+        logits = self._head(hidden, source_states[:, -hidden.shape[1]:])
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
@@ -362,11 +365,32 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=tuple(attention_maps) if output_attentions else None,
         )
 
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, d_t] -> [B, T, V]
+    def _head(self, hidden: torch.Tensor, source_states: torch.Tensor) -> torch.Tensor:
+        """Next-token logits over the source vocabulary: hidden [B, T, d_t], source_states [B, T, d_s] -> [B, T, V].
+
+        new:        a fresh linear head (the release).
+        source:     a learned d_t -> d_s projection into the source's frozen output head.
+        source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position: the
+                    source's own next-token distribution mixed in, so every word it knows stays reachable.
+        """
         if self.config.head == "new":
             return self.lm_head(hidden)
-        source_head = self.source.get_output_embeddings()
-        return source_head(self.head_projection(hidden).to(source_head.weight.dtype)).float()
+        if self.config.head == "source":
+            return self._source_head(self.head_projection(hidden))
+        new_logp = self.lm_head(hidden).float().log_softmax(-1)
+        source_logp = self._source_head(source_states).log_softmax(-1)
+        gate = torch.sigmoid(self.mix_gate(hidden).float())  # [B, T, 1]
+        return torch.logaddexp(torch.log(gate) + source_logp, torch.log1p(-gate) + new_logp)
+
+    def _source_head(self, states: torch.Tensor) -> torch.Tensor:  # [B, T, d_s] -> [B, T, V] fp32
+        if self.source is None:
+            raise LLMModulesError(f"head={self.config.head!r} needs the source's output head; load the source")
+        head = self.source.get_output_embeddings()
+        logits = head(states.to(head.weight.dtype)).float()
+        missing = self.config.vocab_size - logits.shape[-1]
+        if missing > 0:  # tokenizer entries beyond the source's vocabulary: the source never predicts them
+            logits = F.pad(logits, (0, missing), value=torch.finfo(logits.dtype).min)
+        return logits
 
     # ------------------------------------------------------------------------------------ generation
     @classmethod

@@ -204,6 +204,8 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         embeddings = self.target.get_input_embeddings()
         if embeddings is not None:
             embeddings.requires_grad_(False)
+        # Frozen weights are never saved; Trainer reads this set to know their absence is expected.
+        self._keys_to_ignore_on_save = set(self.state_dict()) - set(self.trainable_state_dict())
 
     def train(self, mode: bool = True) -> LLMModulesForCausalLM:
         super().train(mode)

@@ -213,3 +213,16 @@ def test_length_beyond_learned_positions_is_refused(model_folder, tokenizer):
     )
     with pytest.raises(LLMModulesError, match="max_position_embeddings=8"):
         model(torch.ones(1, 9, dtype=torch.long))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_folder, tokenizer):
+    inputs = batch(tokenizer)
+    grads = []
+    for checkpointing in (False, True):
+        model = compose(model_folder).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        model(**inputs, labels=inputs.input_ids).loss.backward()
+        grads.append(model.connector.pre_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

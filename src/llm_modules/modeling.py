@@ -222,9 +222,6 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module | None:
         return getattr(self, "lm_head", None)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named optimizer groups: ``connector`` and ``target`` (target body + output head)."""
         groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": []}

@@ -1,0 +1,26 @@
+"""The command line dispatches, streams generation, and turns user mistakes into one-line errors."""
+
+from __future__ import annotations
+
+import torch
+
+from llm_modules import LLMModulesForCausalLM
+from llm_modules.cli import main
+
+
+def test_generate_streams_the_greedy_continuation(model_folder, tokenizer, tmp_path, capsys):
+    model = LLMModulesForCausalLM.compose(model_folder("qwen2", hidden=48), model_folder("gpt_neo"), heads=4, adapter_dim=16)
+    model.save_pretrained(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "The quick", "--raw", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    prompt = tokenizer("The quick", return_tensors="pt")
+    expected = model.eval().generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert printed == tokenizer.decode(expected[0, prompt.input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert "not a folder written by save_pretrained" in error and "Traceback" not in error
+    assert main(["no-such-command"]) == 2
+    assert main([]) == 0

@@ -96,18 +96,23 @@ def config_from_dict(data: dict) -> PreTrainedConfig:
 def load_target_body(
     target: ModelLike | PreTrainedConfig, init: str, revision: str | None = None
 ) -> PreTrainedModel:
-    """The target's decoder body (no LM head): pretrained weights, or random weights from its config."""
+    """The target's decoder body (no LM head): pretrained weights, or random weights from its config.
+
+    Always float32: the target trains, and mixed precision belongs to autocast, not to the master weights.
+    """
     if init == "random":
         config = load_config("target", target, revision)
-        return AutoModel.from_config(config)
+        return AutoModel.from_config(config, dtype=torch.float32)
     if isinstance(target, PreTrainedConfig):
         raise LLMModulesError("target_init='pretrained' needs target weights; a config alone gives target_init='random'")
     if isinstance(target, PreTrainedModel):
-        return target.base_model
+        return target.base_model.float()
     if isinstance(target, torch.nn.Module):
         raise LLMModulesError(f"the target must be a transformers PreTrainedModel, got {type(target).__name__}")
     try:
-        return AutoModel.from_pretrained(str(target), **({"revision": revision} if revision else {}))
+        return AutoModel.from_pretrained(
+            str(target), dtype=torch.float32, **({"revision": revision} if revision else {})
+        )
     except Exception as error:
         raise _load_error("target", target, error) from error
 

@@ -372,6 +372,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position: the
                     source's own next-token distribution mixed in, so every word it knows stays reachable.
         """
+        hidden = hidden.to(self.connector.pre_proj.weight.dtype)
         if self.config.head == "new":
             return self.lm_head(hidden)
         if self.config.head == "source":

@@ -1,0 +1,381 @@
+"""``llm-modules train``: the composed model on transformers' ``Trainer`` (accelerate underneath).
+
+What the Trainer gives us as is: warmup + schedule, gradient accumulation, clipping, bf16/fp16,
+gradient checkpointing, evaluation, checkpoints with optimizer/scheduler/RNG state and exact
+``resume_from_checkpoint``, ``report_to`` (tensorboard...), progress bars, early stopping.
+What we add: named parameter groups (connector vs target, paper 1e-4 / 5e-5), a token-weighted
+loss that stays right under gradient accumulation, the source-state cache, a data report, step
+times and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .cache import CachedStatesDataset, CacheFields, SourceStateCache, tokenizer_fingerprint, weights_fingerprint
+from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
+from .errors import LLMModulesError
+from .loading import load_config as load_model_config
+from .loading import load_tokenizer
+from .modeling import LLMModulesForCausalLM
+from .train_config import TrainConfig, config_from_argv, dump_config
+
+MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
+                 "attention_dropout", "source_layer")
+
+
+# ----------------------------------------------------------------------------------------- model
+def compose_model(config: TrainConfig, tokenizer, with_source: bool = True) -> LLMModulesForCausalLM:
+    """The composed model a run trains; ``with_source=False`` builds it from the source's config only
+    (training from the source-state cache: the source's weights are never loaded)."""
+    options = {name: getattr(config, name) for name in MODEL_OPTIONS}
+    common = dict(tokenizer=tokenizer, source_revision=config.source_revision, source_dtype=config.source_dtype,
+                  target_init=config.target_init, **options)
+    if with_source:
+        return LLMModulesForCausalLM.compose(config.source, config.target, **common)
+    source_config = load_model_config("source", config.source, config.source_revision)
+    model = LLMModulesForCausalLM.compose(None, config.target, source_config=source_config, **common)
+    # Saved models must still name their source, so that from_pretrained() can load it for generation.
+    model.config.source_name_or_path = str(config.source)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- cache
+def cache_fields(config: TrainConfig, tokenizer) -> CacheFields:
+    source_config = load_model_config("source", config.source, config.source_revision).get_text_config()
+    return CacheFields(
+        source=str(config.source),
+        source_revision=config.source_revision,
+        source_weights=weights_fingerprint(config.source),
+        source_layer=config.source_layer,
+        source_dtype=config.source_dtype,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+        template=config.template,
+        max_length=config.max_length,
+        hidden_size=int(source_config.hidden_size),
+        dtype=config.cache_dtype,
+    )
+
+
+def cache_folder(config: TrainConfig) -> Path | None:
+    if config.cache in (None, "", "none", "off"):
+        return None
+    return Path(config.output) / "source-cache" if config.cache == "auto" else Path(config.cache)
+
+
+def prepare_cache(config: TrainConfig, tokenizer, data: PreparedData, device: str) -> tuple[SourceStateCache, dict]:
+    """Open the run's cache (refusing a stale one) and compute what it lacks. Returns (cache, stats)."""
+    folder = cache_folder(config)
+    assert folder is not None
+    if config.rebuild_cache and (folder / "manifest.json").exists():
+        for path in folder.glob("states-*.safetensors"):
+            path.unlink()
+        (folder / "manifest.json").unlink()
+    cache = SourceStateCache.open(folder, cache_fields(config, tokenizer))
+    rows = list(data.train["input_ids"]) + (list(data.validation["input_ids"]) if data.validation is not None else [])
+    missing = cache.missing(rows)
+    stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0}
+    if missing:
+        started = time.perf_counter()
+        # The states come from the composed model's own source_states() (layer choice, positions),
+        # with a randomly initialised target that is never run.
+        states_model = LLMModulesForCausalLM.compose(
+            config.source, load_model_config("target", config.target), tokenizer=tokenizer,
+            source_revision=config.source_revision, source_dtype=config.source_dtype, target_init="random",
+            **{name: getattr(config, name) for name in MODEL_OPTIONS},
+        ).to(device).eval()
+        tokens = sum(len(rows[i]) for i in missing)
+        width = states_model.source_hidden_size
+        gib = tokens * width * (4 if config.cache_dtype == "float32" else 2) / 2**30
+        print(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, ~{gib:.2f} GiB) "
+              f"into {folder}", file=sys.stderr)
+        cache.build([rows[i] for i in missing], states_model.source_states, batch_size=config.cache_batch_size,
+                    device=device, progress=config.progress)
+        del states_model
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+    stats["bytes"] = cache.size_bytes()
+    return cache, stats
+
+
+# --------------------------------------------------------------------------------------- trainer
+def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy summed over trained tokens / tokens in the whole accumulated batch.
+
+    logits [B, T, V], labels [B, T] (-100 ignored, shifted here). With ``num_items_in_batch``
+    (the Trainer's count over all micro-batches of one optimizer step) every token weighs the
+    same whatever the accumulation; without it (evaluation) it is the plain mean.
+    """
+    logits = outputs["logits"][:, :-1].float()
+    targets = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    if num_items_in_batch is None:
+        return total / (targets != -100).sum().clamp(min=1)
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+
+
+class ComposedTrainer(Trainer):
+    """``Trainer`` with named learning rates per parameter group (connector vs target)."""
+
+    def __init__(self, *args, group_lrs: dict[str, float], **kwargs) -> None:
+        super().__init__(*args, compute_loss_func=token_mean_loss, **kwargs)
+        self.group_lrs = group_lrs
+        self._loss_shifts_labels = True  # count num_items_in_batch over labels[:, 1:], as token_mean_loss does
+        self.model_accepts_loss_kwargs = False  # forward(**kwargs) ignores num_items_in_batch
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            names = {id(p): n for n, p in model.named_parameters()}
+            groups = []
+            for group, parameters in model.trainable_parameter_groups().items():
+                for decays in (True, False):
+                    chosen = [p for p in parameters if (names[id(p)] in decay) == decays]
+                    if chosen:
+                        groups.append({"params": chosen, "lr": self.group_lrs[group], "group": group,
+                                       "weight_decay": self.args.weight_decay if decays else 0.0})
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (seconds), for the results file and benchmarks."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._started)
+
+
+def plot_loss_curve(log_history: list[dict], path: str | Path) -> Path | None:
+    """Training (and validation) loss against the optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e]
+    if not train and not evals:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals), marker="o", label="validation loss")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats/token)")
+    axes.set_title("llm-modules training")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return Path(path)
+
+
+def _precision(config: TrainConfig, device: str) -> dict[str, bool]:
+    choice = config.precision
+    if choice == "auto":
+        if device == "cuda":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            choice = "fp32"
+    if choice not in ("fp32", "bf16", "fp16"):
+        raise LLMModulesError(f"precision={config.precision!r} is not supported; choose auto, fp32, bf16 or fp16")
+    if choice == "fp16" and device != "cuda":
+        raise LLMModulesError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
+def _device(config: TrainConfig) -> str:
+    if config.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMModulesError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return config.device
+
+
+def training_arguments(config: TrainConfig, has_validation: bool, device: str) -> TrainingArguments:
+    if config.early_stopping_patience and not has_validation:
+        raise LLMModulesError("early_stopping_patience needs validation data: set validation (a fraction) or validation_data")
+    eval_strategy = "no" if not has_validation else ("steps" if config.eval_steps else "epoch")
+    save_strategy, save_steps = ("steps", config.save_steps) if config.save_steps else ("epoch", None)
+    if config.early_stopping_patience:  # the best checkpoint is picked among evaluated ones
+        save_strategy, save_steps = eval_strategy, config.eval_steps
+    report_to = [r for r in config.report_to if r != "none"] or "none"
+    return TrainingArguments(
+        output_dir=config.output,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr_target,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup if config.warmup < 1 else int(config.warmup),
+        lr_scheduler_type=config.scheduler,
+        max_grad_norm=config.max_grad_norm,
+        gradient_checkpointing=config.gradient_checkpointing,
+        eval_strategy=eval_strategy,
+        eval_steps=config.eval_steps,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        save_total_limit=config.save_total_limit,
+        load_best_model_at_end=bool(config.early_stopping_patience),
+        metric_for_best_model="eval_loss" if config.early_stopping_patience else None,
+        greater_is_better=False if config.early_stopping_patience else None,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        report_to=report_to,
+        seed=config.seed,
+        disable_tqdm=not config.progress,
+        remove_unused_columns=False,  # the collator picks its columns (input_ids, labels, source_states)
+        dataloader_num_workers=config.dataloader_workers,
+        use_cpu=device == "cpu",
+        **_precision(config, device),
+    )
+
+
+# ------------------------------------------------------------------------------------------ run
+@dataclass
+class TrainResult:
+    output: Path
+    metrics: dict
+    log_history: list[dict]
+    step_times: list[float]
+    model: LLMModulesForCausalLM
+
+
+def check_config(config: TrainConfig) -> None:
+    missing = [name for name in ("source", "target", "data") if not getattr(config, name)]
+    if missing:
+        raise LLMModulesError(f"missing option(s): {', '.join('--' + m for m in missing)} "
+                              "(or set them in the YAML file given with --config)")
+    if config.batch_size < 1 or config.grad_accum < 1:
+        raise LLMModulesError("batch_size and grad_accum must be >= 1")
+    if config.max_steps <= 0 and config.epochs <= 0:
+        raise LLMModulesError("set epochs > 0 or max_steps > 0")
+
+
+def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+    """Run one training: data -> (cache) -> composed model -> Trainer -> saved model + report files.
+
+    Files in ``config.output``: the model (trainable weights, config, tokenizer), ``checkpoint-*``,
+    ``train_config.yaml``, ``data_report.json``, ``train_results.json``, ``loss_curve.png``, ``runs/`` (tensorboard).
+    """
+    check_config(config)
+    device = _device(config)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    dump_config(config, output / "train_config.yaml")
+    tokenizer = load_tokenizer(config.tokenizer or config.source, "tokenizer" if config.tokenizer else "source")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as the paper: pad = eos (labels on padding are -100 anyway)
+    options = DataOptions(
+        format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
+        overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
+        append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
+    )
+    data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
+    print(f"data: {data.report.summary()}", file=sys.stderr)
+    (output / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+
+    train_set, eval_set = data.train, data.validation
+    cache_stats = None
+    with_source = True
+    if cache_folder(config) is not None:
+        cache, cache_stats = prepare_cache(config, tokenizer, data, device)
+        train_set = CachedStatesDataset(train_set, cache)
+        eval_set = CachedStatesDataset(eval_set, cache) if eval_set is not None else None
+        with_source = config.head != "new"  # the source's head is part of the model for head=source/source_mix
+    resume = config.resume
+    if resume == "auto":
+        resume = get_last_checkpoint(str(output))
+        if resume is None:
+            raise LLMModulesError(f"resume: auto found no checkpoint-* folder in {output}")
+    elif resume is not None and not Path(resume).is_dir():
+        raise LLMModulesError(f"resume: {resume} is not a checkpoint folder")
+
+    set_seed(config.seed)  # the connector's initialisation depends only on the seed, cached or not
+    model = compose_model(config, tokenizer, with_source=with_source)
+    args = training_arguments(config, eval_set is not None, device)
+    timer = StepTimer()
+    all_callbacks: list[TrainerCallback] = [timer, *(callbacks or [])]
+    if config.early_stopping_patience:
+        all_callbacks.append(EarlyStoppingCallback(config.early_stopping_patience, config.early_stopping_threshold))
+    trainer = ComposedTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=all_callbacks,
+        group_lrs={"connector": config.lr_connector, "target": config.lr_target},
+    )
+    outcome = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(output))
+    metrics = dict(outcome.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    groups = model.trainable_parameter_groups()
+    steady = timer.times[1:] or timer.times
+    results = {
+        "metrics": metrics,
+        "steps": trainer.state.global_step,
+        "step_time_s": {"mean": sum(steady) / max(1, len(steady)), "first": timer.times[0] if timer.times else None,
+                        "count": len(timer.times)},
+        "trainable_parameters": {name: sum(p.numel() for p in ps) for name, ps in groups.items()},
+        "data": data.report.to_dict(),
+        "data_fingerprint": data.fingerprint,
+        "cache": cache_stats,
+        "source_loaded": with_source,
+        "device": device,
+    }
+    (output / "train_results.json").write_text(json.dumps(results, indent=2, default=str))
+    plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
+    return TrainResult(output, metrics, list(trainer.state.log_history), timer.times, model)
+
+
+HELP = """usage: llm-modules train [--config run.yaml] [--key value ...]
+
+Train a composed model. Every option of the run config can be given in the YAML file or as
+--key value (dashes or underscores), the command line winning. Common ones:
+  --source S --target T --data FILE|owner/name --output DIR --epochs N --max-steps N
+  --lr X (both groups) --lr-connector X --lr-target X --batch-size N --grad-accum N
+  --template chat|plain --loss-on assistant|all --max-length N --validation 0.05
+  --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
+See llm_modules/train_config.py (TrainConfig) for all options and examples/*.yaml.
+"""
+
+
+def train_main(argv: list[str]) -> int:
+    """Entry point of ``llm-modules train``; returns the exit code."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(HELP)
+        return 0
+    config = config_from_argv(argv)
+    result = train(config)
+    summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps({"output": str(result.output), **summary}, indent=2))
+    return 0

@@ -1,0 +1,210 @@
+"""The typed run configuration of ``llm-modules train``: a dataclass, loadable from YAML, with ``--key value`` overrides.
+
+Every field can be set in the YAML file or on the command line (``--max-length 1024`` or
+``--max_length=1024``); the command line wins. Unknown keys are errors that suggest the closest
+valid key. Values are converted to the field's type (YAML reads ``1e-4`` as a string; we do not).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LLMModulesError
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Paper values (Kolomeitsev 2025) in brackets where they differ from ours."""
+
+    # --- what to compose and on what
+    source: str | None = None  # hub id or folder of the frozen source model
+    target: str | None = None  # hub id or folder of the target model
+    data: str | None = None  # .jsonl/.json/.parquet file or hub dataset name
+    output: str = "runs/llm-modules"
+    tokenizer: str | None = None  # default: the source's
+    source_revision: str | None = None
+    dataset_split: str = "train"  # hub datasets
+    validation_data: str | None = None  # a separate validation file (else a split of `data`)
+    validation: float = 0.05  # fraction (< 1) or number of rows held out [paper: last 10%]
+    split_seed: int = 0
+    limit: int | None = None  # use the first N usable rows
+    # --- rendering
+    format: str = "auto"  # auto | sharegpt | messages | prompt_completion | gsm8k | text
+    template: str = "chat"  # chat (the tokenizer's) | plain [paper]
+    loss_on: str = "assistant"  # assistant | all [paper]
+    system_prompt: str | None = None  # added to rows without a system message
+    append_eos: bool = True  # plain template: end the last assistant turn with EOS [paper: false]
+    max_length: int = 2048  # [paper: 4096]
+    overlength: str = "drop"  # drop [paper] | truncate
+    on_bad_row: str = "error"  # error | skip (counted and reported)
+    # --- the composed model
+    target_init: str = "pretrained"  # pretrained | random [paper release]
+    leaky: bool = False
+    gate: str = "sigmoid"
+    head: str = "new"
+    connector_layers: int = 2
+    heads: int = 8
+    adapter_dim: int = 256
+    intermediate_dim: int | None = None
+    attention_dropout: float = 0.1
+    source_layer: int = -1
+    source_dtype: str | None = None  # e.g. bfloat16
+    # --- source-state cache
+    cache: str | None = None  # folder; "auto" = OUTPUT/source-cache; null = run the source every step
+    cache_dtype: str = "float16"  # float16 | bfloat16 | float32
+    cache_batch_size: int = 8
+    rebuild_cache: bool = False
+    # --- optimisation
+    epochs: float = 1.0  # [paper: 15]
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 1
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr_connector: float = 1e-4
+    lr_target: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.0  # steps (>= 1) or a fraction of all steps (< 1) [paper: 0]
+    scheduler: str = "linear"  # any transformers lr_scheduler_type [paper: constant]
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 > fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    # --- evaluation, checkpoints, logging
+    eval_steps: int | None = None  # None: once per epoch
+    save_steps: int | None = None  # None: once per epoch (= eval_steps when early stopping)
+    save_total_limit: int | None = 2
+    early_stopping_patience: int | None = None  # [paper: 5]
+    early_stopping_threshold: float = 0.0  # [paper: 1e-4]
+    logging_steps: int = 10
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # or ["none"]
+    resume: str | None = None  # checkpoint folder, or "auto" = latest checkpoint in OUTPUT
+    progress: bool = True
+    dataloader_workers: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ALIASES = {"lr": ("lr_connector", "lr_target")}  # --lr sets both learning rates
+
+
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    """``value`` (from YAML or the command line) as the type ``hint`` of field ``name``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _convert(name, value, options[0])
+    if origin is list:
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
+        return [str(v) for v in items]
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        if hint is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        kind = getattr(hint, "__name__", str(hint))
+        raise LLMModulesError(f"option {name}: expected {kind}, got {value!r}") from None
+    return value
+
+
+def _unknown(key: str) -> LLMModulesError:
+    names = [f.name for f in fields(TrainConfig)] + list(ALIASES) + ["config"]
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid options: {', '.join(sorted(names))}"
+    return LLMModulesError(f"unknown option {key!r}{hint}")
+
+
+def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None, where: str = "") -> TrainConfig:
+    """A TrainConfig from ``base`` (default: defaults) with ``values`` applied; keys may use dashes."""
+    hints = _hints()
+    from_aliases: dict[str, Any] = {}
+    updates: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key in ALIASES:
+            for target in ALIASES[key]:
+                from_aliases[target] = _convert(key, value, hints[target])
+        elif key in hints:
+            updates[key] = _convert(key, value, hints[key])
+        else:
+            raise LLMModulesError(f"{where}{_unknown(key)}")
+    # An explicit field beats an alias (--lr 1e-3 --lr-target 5e-4 sets the target's to 5e-4).
+    return TrainConfig(**{**asdict(base or TrainConfig()), **from_aliases, **updates})
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a YAML file (unknown keys are errors naming the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMModulesError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise LLMModulesError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise LLMModulesError(f"{path} must hold a mapping of option: value")
+    return config_from_mapping(values, where=f"{path}: ")
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """``--key value`` / ``--key=value`` / bare ``--flag`` (true) pairs -> {key: value} (strings)."""
+    values: dict[str, Any] = {}
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--") or token == "--":
+            raise LLMModulesError(f"unexpected argument {token!r}; options look like --key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            index += 1
+        elif index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            value = argv[index + 1]
+            index += 2
+        else:
+            value = "true"
+            index += 1
+        values[key.replace("-", "_")] = value
+    return values
+
+
+def config_from_argv(argv: list[str]) -> TrainConfig:
+    """``[--config run.yaml] [--key value ...]`` -> TrainConfig (command line over YAML over defaults)."""
+    values = parse_overrides(argv)
+    config_path = values.pop("config", None)
+    base = load_config(config_path) if config_path else TrainConfig()
+    return config_from_mapping(values, base)
+
+
+def dump_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -73,6 +73,7 @@ class TrainConfig:
     warmup: float = 0.0  # steps (>= 1) or a fraction of all steps (< 1) [paper: 0]
     scheduler: str = "linear"  # any transformers lr_scheduler_type [paper: constant]
     max_grad_norm: float = 1.0
+    optim: str = "auto"  # any transformers optim name; auto = adamw_torch_fused on GPU, adamw_torch on CPU
     precision: str = "auto"  # auto (bf16 > fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     seed: int = 42

@@ -1,0 +1,182 @@
+"""Training on tiny models: exact resume, cached = uncached, stale caches refused, groups, accumulation, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from llm_modules import LLMModulesError, LLMModulesForCausalLM
+from llm_modules.cache import StaleCacheError
+from llm_modules.tiny import save_tiny, tiny_model
+from llm_modules.train import train, train_main
+from llm_modules.train_config import TrainConfig, config_from_argv, load_config
+
+
+@pytest.fixture(scope="module")
+def gsm_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
+    with path.open("w") as handle:
+        for i in range(24):
+            handle.write(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def config(model_folder, gsm_file, tmp_path):
+    def make(**changes) -> TrainConfig:
+        values = dict(
+            source=model_folder("qwen2", hidden=48), target=model_folder("gpt_neo"), data=str(gsm_file),
+            output=str(tmp_path / "run"), heads=4, adapter_dim=16, max_steps=6, batch_size=4, validation=0.0,
+            logging_steps=1, report_to=["none"], progress=False, save_steps=3, seed=7,
+        )
+        values.update(changes)
+        return TrainConfig(**values)
+
+    return make
+
+
+def losses(result) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in result.log_history if "loss" in e}
+
+
+class Interrupt(TrainerCallback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interruption_continues_exactly(config, tmp_path):
+    whole = train(config(output=str(tmp_path / "whole")))
+    interrupted = config(output=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, callbacks=[Interrupt(at_step=5)])  # checkpoint-3 exists, steps 4-5 are lost
+    assert (tmp_path / "cut" / "checkpoint-3").is_dir() and not (tmp_path / "cut" / "checkpoint-6").exists()
+    resumed = train(config(output=str(tmp_path / "cut"), resume="auto"))
+    assert set(losses(resumed)) >= {4, 5, 6}
+    for step in (4, 5, 6):  # dropout is on (0.1): RNG state, data order and optimizer state all come back
+        assert losses(resumed)[step] == pytest.approx(losses(whole)[step], abs=1e-6)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_checkpoints_hold_trainable_weights_and_optimizer_state_only(config, tmp_path):
+    result = train(config(max_steps=3))
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    saved = load_file(checkpoint / "model.safetensors")
+    assert set(saved) == set(result.model.trainable_state_dict())
+    assert not any(name.startswith("source.") for name in saved)
+
+
+def test_cached_training_gives_the_same_loss_curve_without_loading_the_source(config, tmp_path):
+    plain = train(config(output=str(tmp_path / "plain"), validation=0.2, eval_steps=3))
+    cached = train(config(output=str(tmp_path / "cached"), validation=0.2, eval_steps=3,
+                          cache=str(tmp_path / "cache"), cache_dtype="float32"))
+    assert cached.model.source is None and plain.model.source is not None
+    assert losses(cached).keys() == losses(plain).keys() and len(losses(plain)) == 6
+    for step, value in losses(plain).items():
+        assert losses(cached)[step] == pytest.approx(value, abs=1e-5)
+    assert cached.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], abs=1e-5)
+    results = json.loads((tmp_path / "cached" / "train_results.json").read_text())
+    assert results["cache"]["computed"] == 24 and results["source_loaded"] is False
+    # A second run reuses every row and computes nothing; fp16 storage stays close to the fp32 curve.
+    again = train(config(output=str(tmp_path / "again"), validation=0.2, eval_steps=3, cache=str(tmp_path / "cache"),
+                         cache_dtype="float32"))
+    assert json.loads((tmp_path / "again" / "train_results.json").read_text())["cache"]["computed"] == 0
+    assert losses(again) == losses(cached)
+    half = train(config(output=str(tmp_path / "half"), validation=0.2, eval_steps=3, cache="auto"))
+    for step, value in losses(plain).items():
+        assert losses(half)[step] == pytest.approx(value, abs=2e-3)
+    # The model trained without its source is saved naming the source, and reloads with it to generate.
+    model = LLMModulesForCausalLM.from_pretrained(tmp_path / "cached")
+    assert model.source is not None
+    ids = model.tokenizer("What is 2 + 2?", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids.input_ids.shape[1] + 3
+
+
+def test_stale_cache_is_refused_with_the_differing_field(config, tmp_path, tokenizer):
+    cache = str(tmp_path / "cache")
+    train(config(max_steps=1, cache=cache))
+    with pytest.raises(StaleCacheError, match=r"source_layer: cache has -1, this run has -2.*another cache folder"):
+        train(config(max_steps=1, cache=cache, source_layer=-2))
+    with pytest.raises(StaleCacheError, match=r"template: cache has 'chat', this run has 'plain'"):
+        train(config(max_steps=1, cache=cache, template="plain"))
+    with pytest.raises(StaleCacheError, match=r"dtype: cache has 'float16'"):
+        train(config(max_steps=1, cache=cache, cache_dtype="bfloat16"))
+    # Same folder, other weights (the source was re-saved): refused too.
+    source = tmp_path / "source"
+    save_tiny(tiny_model("qwen2", tokenizer, seed=0, hidden=48), tokenizer, source)
+    train(config(max_steps=1, cache=str(tmp_path / "c2"), source=str(source)))
+    save_tiny(tiny_model("qwen2", tokenizer, seed=1, hidden=48), tokenizer, source)
+    with pytest.raises(StaleCacheError, match="source_weights"):
+        train(config(max_steps=1, cache=str(tmp_path / "c2"), source=str(source)))
+    # rebuild_cache recomputes it instead.
+    train(config(max_steps=1, cache=str(tmp_path / "c2"), source=str(source), rebuild_cache=True))
+
+
+def test_optimizer_has_named_groups_with_their_learning_rates(config):
+    result = train(config(max_steps=1, scheduler="constant"))
+    groups = result.trainer.optimizer.param_groups
+    by_name = {g["group"]: g["lr"] for g in groups}
+    assert by_name == {"connector": 1e-4, "target": 5e-5}
+    seen = [id(p) for g in groups for p in g["params"]]
+    trainable = [id(p) for p in result.model.parameters() if p.requires_grad]
+    assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
+
+
+def test_gradient_accumulation_matches_one_big_batch(config, tmp_path):
+    big = train(config(output=str(tmp_path / "big"), batch_size=4, grad_accum=1, max_steps=2, attention_dropout=0.0))
+    small = train(config(output=str(tmp_path / "small"), batch_size=2, grad_accum=2, max_steps=2, attention_dropout=0.0))
+    assert losses(small)[2] == pytest.approx(losses(big)[2], abs=1e-5)
+    a, b = big.model.trainable_state_dict(), small.model.trainable_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_early_stopping_stops_when_validation_loss_stalls(config):
+    result = train(config(lr_connector=0.0, lr_target=0.0, validation=0.2, eval_steps=1, early_stopping_patience=1, max_steps=10))
+    assert result.trainer.state.global_step == 2  # step 1 sets the best, step 2 does not improve
+
+
+def test_cli_trains_from_yaml_with_overrides_and_writes_reports(config, tmp_path, capsys):
+    base = config()
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        "# llm-modules train --config run.yaml\n"
+        f"source: {base.source}\ntarget: {base.target}\ndata: {base.data}\noutput: {tmp_path / 'cli'}\n"
+        "heads: 4\nadapter_dim: 16\nlr_connector: 1e-4\nmax_steps: 2\nreport_to: none\nprogress: false\n"
+    )
+    assert train_main(["--config", str(yaml_file), "--max-steps", "3", "--batch_size=2", "--validation", "0.25"]) == 0
+    out = tmp_path / "cli"
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["steps"] == 3 and results["data"]["train"] == 18 and results["data"]["validation"] == 6
+    assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "train_config.yaml").exists()
+    printed = capsys.readouterr().out  # Trainer's log lines, then our JSON summary
+    assert json.loads(printed[printed.rindex('{\n  "output"'):])["output"] == str(out)
+
+
+def test_run_config_types_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr_connector: 1e-4\nepochs: 3\ngradient_checkpointing: yes\nreport_to: [tensorboard]\n")
+    loaded = load_config(path)
+    assert loaded.lr_connector == 1e-4 and isinstance(loaded.lr_connector, float) and loaded.epochs == 3.0
+    assert loaded.gradient_checkpointing is True and loaded.report_to == ["tensorboard"]
+    merged = config_from_argv(["--config", str(path), "--lr", "3e-4", "--lr-target", "1e-5", "--leaky",
+                               "--intermediate-dim", "none", "--report-to", "none"])
+    assert (merged.lr_connector, merged.lr_target, merged.leaky) == (3e-4, 1e-5, True)
+    assert merged.intermediate_dim is None and merged.report_to == ["none"] and merged.epochs == 3.0
+    with pytest.raises(LLMModulesError, match="unknown option 'learning_rate_target'.*did you mean lr_target"):
+        config_from_argv(["--learning-rate-target", "1"])
+    path.write_text("max_lenght: 10\n")
+    with pytest.raises(LLMModulesError, match=rf"{path}: unknown option 'max_lenght'; did you mean max_length"):
+        load_config(path)
+    with pytest.raises(LLMModulesError, match="option batch_size: expected int, got 'two'"):
+        config_from_argv(["--batch-size", "two"])
+    with pytest.raises(LLMModulesError, match="missing option"):
+        train(TrainConfig(source="x"))

@@ -165,7 +165,7 @@ def make_plan(shapes: str, device: str, dtype: str, quick: bool) -> Plan:
                      "every step; a full loop is hours at batch 8")
     return Plan(shapes, device, dtype, quick, batches=(1, 8), prompt=128, new_tokens=new_tokens,
                 flat_new_tokens=512, repeats=1 if (quick and slow_cpu) else 3, recompute_samples=samples,
-                train_batch=4, train_seq=128, train_steps=2 if slow_cpu else 5, bandwidth_bytes=2 * GIB,
+                train_batch=4, train_seq=128, train_steps=2 if slow_cpu else 5, bandwidth_bytes=GIB,
                 notes=tuple(notes))
 
 
@@ -730,6 +730,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(args.shapes, args.device, args.dtype, args.quick)
     for note in plan.notes:
         log(f"note: {note}")
+    if args.device == "cpu" and os.getloadavg()[0] > 1.0:
+        log(f"warning: load average {os.getloadavg()[0]:.1f}: other processes use the CPU, timings will suffer")
     result = run(plan, set(args.skip))
     json_path, md_path = write_results(result, args.output_dir)
     print(markdown(result))

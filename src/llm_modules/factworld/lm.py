@@ -1,0 +1,250 @@
+"""Tokenizer, encoding and a small training loop for the fact world.
+
+Why a plain torch loop and not ``Trainer`` here: the fact-world models are tiny (10^5-10^6 weights,
+sequences of ~60 tokens) and each demo run trains a dozen of them on 2 CPU cores in minutes. At this
+size ``Trainer``'s per-step overhead (callbacks, accelerate wrapping, dataloader workers, logging)
+costs as much as the step itself (measured: about 2x wall time per step for a 100k-weight model), and
+the loop needs per-method losses (KD), frozen-source features and early stopping on *generation-
+relevant* validation accuracy, not loss. Real-model training rides ``llm_modules.train`` (Trainer).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from ..tiny import build_tokenizer
+from .world import (
+    BEGIN_THOUGHT,
+    TRACE_MARKERS,
+    Fact,
+    FactWorld,
+    assistant_text,
+    fact_prompt,
+    question,
+    thought,
+    trace_record,
+)
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def build_world_tokenizer(world: FactWorld, vocab_size: int = 640) -> PreTrainedTokenizerBase:
+    """One byte-level BPE tokenizer for the whole world (source and target share it)."""
+    return build_tokenizer(world.corpus(), vocab_size=vocab_size, extra_special_tokens=TRACE_MARKERS)
+
+
+def check_tokenizer_roundtrip(tokenizer: PreTrainedTokenizerBase, folder: str | Path, texts: Sequence[str]) -> None:
+    """Raise if ``AutoTokenizer.from_pretrained(folder)`` gives other ids than ``tokenizer`` (DESIGN.md §1 pitfall)."""
+    reloaded = AutoTokenizer.from_pretrained(str(folder))
+    for text in texts:
+        a, b = tokenizer(text).input_ids, reloaded(text).input_ids
+        if a != b:
+            raise RuntimeError(
+                f"the tokenizer saved in {folder} gives other ids once reloaded ({type(reloaded).__name__}):\n"
+                f"{text!r}\ntrained {a}\nreloaded {b}"
+            )
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Example:
+    """One tokenized sequence. ``labels`` is -100 where no loss; ``answer`` indexes the answer tokens
+    inside the thought ("... Velmora's capital is| Quist|."), ``prompt_length`` the generation prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int = 0
+    answer: list[int] = field(default_factory=list)
+    fact: Fact | None = None
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, fact: Fact, form: int = 0) -> str:
+    record = trace_record(fact, form)
+    messages = [
+        {"role": "system", "content": record["system"]},
+        {"role": "user", "content": record["conversations"][0]["value"]},
+    ]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_trace(tokenizer: PreTrainedTokenizerBase, fact: Fact, form: int = 0) -> Example:
+    """The chat text of a fact's trace; loss on the assistant turn; ``answer`` = the answer tokens in the thought."""
+    prompt = chat_prompt(tokenizer, fact, form)
+    reply = assistant_text(fact)
+    full = prompt + reply + "<|im_end|>"
+    encoded = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise RuntimeError("the chat prompt does not tokenize as a prefix of the full trace")
+    start = len(prompt) + len(f"{BEGIN_THOUGHT} ") + len(thought(fact)) - len(f" {fact.value}.")
+    end = start + len(f" {fact.value}")
+    answer = [i for i, (a, b) in enumerate(offsets) if a >= start and b <= end and b > a]
+    if not answer or offsets[answer[0]][0] != start or offsets[answer[-1]][1] != end:
+        raise RuntimeError(f"answer {fact.value!r} is not a whole-token span in {full!r}")
+    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    return Example(ids, labels, len(prompt_ids), answer, fact)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
+    """A plain pretraining document with loss on every token."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return Example(ids, list(ids))
+
+
+def encode_recall(tokenizer: PreTrainedTokenizerBase, fact: Fact) -> Example:
+    """The source's own format: "Velmora's capital is" + " Quist" (answer tokens indexed)."""
+    prompt_ids = tokenizer(fact_prompt(fact), add_special_tokens=False).input_ids
+    full_ids = tokenizer(f"{fact_prompt(fact)} {fact.value}.", add_special_tokens=False).input_ids
+    value_ids = full_ids[len(prompt_ids): -1] if full_ids[: len(prompt_ids)] == prompt_ids else []
+    if not value_ids:
+        raise RuntimeError(f"the answer of {fact} does not tokenize after its prompt")
+    ids = prompt_ids + value_ids
+    return Example(ids, [-100] * len(prompt_ids) + value_ids, len(prompt_ids),
+                   list(range(len(prompt_ids), len(ids))), fact)
+
+
+def target_pretraining_texts(world: FactWorld) -> list[str]:
+    """Texts teaching the target the world's language and trace format with none of its facts:
+    traces and sentences about the background entities only."""
+    texts = []
+    for fact in world.background:
+        for form in range(3):
+            texts.append(f"{question(fact, form)} {assistant_text(fact)}")
+    return texts
+
+
+def collate(examples: Sequence[Example], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to one batch: input_ids/attention_mask/labels [B, T]; ``offset`` [B] shift of each row (left padding)."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    offset = torch.zeros(len(examples), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        s = length - n if left else 0
+        ids[row, s: s + n] = torch.tensor(e.input_ids)
+        labels[row, s: s + n] = torch.tensor(e.labels)
+        mask[row, s: s + n] = 1
+        offset[row] = s
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "offset": offset}
+
+
+# ------------------------------------------------------------------------------------------- forward
+
+
+def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits [B, T, V] of any fact-world model, with padding handled.
+
+    HF causal LMs get explicit position ids (left padding); the composed model computes its own;
+    modules with a ``fact_logits`` method (heads on a frozen source) are called through it.
+    """
+    if hasattr(model, "fact_logits"):
+        return model.fact_logits(input_ids, attention_mask)
+    if type(model).__name__ == "LLMModulesForCausalLM":
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Shifted cross-entropy; logits [B, T, V], labels [B, T] with -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    validation: list[tuple[int, float]]  # (step, validation accuracy)
+    best_step: int
+    seconds: float
+
+
+def train_loop(
+    parameters: Sequence[nn.Parameter] | Sequence[dict],
+    loss_fn: Callable[[list[Example]], torch.Tensor],
+    examples: Sequence[Example],
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    evaluate: Callable[[], float] | None = None,
+    eval_every: int = 100,
+    patience: int = 0,
+    module: nn.Module | None = None,
+    description: str = "train",
+    warmup: int = 20,
+    weight_decay: float = 0.0,
+    progress: bool = True,
+) -> TrainResult:
+    """AdamW with warmup + cosine decay over shuffled mini-batches of ``examples``.
+
+    ``evaluate`` (a validation accuracy, higher is better) runs every ``eval_every`` steps; with
+    ``module`` the best-scoring state is restored at the end (early stopping; ``patience`` evaluations
+    without improvement stop early, 0 = never stop early).
+    """
+    if not examples:
+        raise ValueError("no training examples")
+    generator = random.Random(seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    order: list[int] = []
+    losses: list[float] = []
+    history: list[tuple[int, float]] = []
+    best, best_step, best_state, bad = -1.0, 0, None, 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=description, leave=False, disable=not progress, mininterval=1.0)
+    for step in bar:
+        if len(order) < batch_size:
+            order += generator.sample(range(len(examples)), len(examples))
+        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
+        loss = loss_fn(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if evaluate is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            score = evaluate()
+            history.append((step + 1, score))
+            if score > best:
+                best, best_step, bad = score, step + 1, 0
+                if module is not None:
+                    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            else:
+                bad += 1
+                if patience and bad >= patience:
+                    break
+    if module is not None and best_state is not None:
+        module.load_state_dict(best_state)
+    bar.close()
+    return TrainResult(losses, history, best_step or steps, time.perf_counter() - start)
+
+
+def snapshot(module: nn.Module) -> nn.Module:
+    return copy.deepcopy(module)

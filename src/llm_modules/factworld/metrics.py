@@ -1,0 +1,234 @@
+"""Fact-world metrics: greedy answer accuracy (seen/unseen answer word), format adherence,
+teacher-forced answer-token accuracy, the leak probe, and the source's recall.
+
+Every function takes any fact-world model (see ``lm.logits_of``): HF causal LMs, the composed
+model, or a head on a frozen source.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from .lm import Example, collate, encode_recall, encode_trace, logits_of
+from .world import BEGIN_SOLUTION, BEGIN_THOUGHT, END_SOLUTION, END_THOUGHT, Fact, FactWorld
+
+_SOLUTION = re.compile(re.escape(BEGIN_SOLUTION) + r"(.*?)" + re.escape(END_SOLUTION), re.S)
+
+
+def parse_answer(text: str) -> str | None:
+    """The text between the solution markers, stripped; None when absent."""
+    match = _SOLUTION.search(text)
+    return match.group(1).strip() if match else None
+
+
+def format_ok(text: str) -> bool:
+    """Reasoning and answer present, in order: thought markers, then solution markers."""
+    marks = [text.find(m) for m in (BEGIN_THOUGHT, END_THOUGHT, BEGIN_SOLUTION, END_SOLUTION)]
+    return all(m >= 0 for m in marks) and marks == sorted(marks)
+
+
+@torch.no_grad()
+def teacher_forced(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    scramble: bool = False,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[bool]:
+    """Per example: are all answer tokens the argmax given the gold prefix?
+
+    scramble=True is the leak probe: for answer token k, every token from k on (k itself and all later
+    tokens) is replaced by a random token before predicting k. A causal model scores exactly the
+    unscrambled number; a model that reads later positions collapses.
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    results: list[bool] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start: start + batch_size])
+        batch = collate(chunk, pad_id)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
+        correct = torch.ones(len(chunk), dtype=torch.bool)
+        depth = max(len(e.answer) for e in chunk)
+        if not scramble:
+            predicted = logits_of(model, ids, mask).argmax(-1)  # [B, T]
+            for row, e in enumerate(chunk):
+                correct[row] = all(int(predicted[row, k - 1]) == e.input_ids[k] for k in e.answer)
+        else:
+            if vocab_size is None:
+                raise ValueError("the leak probe needs vocab_size (random replacement tokens)")
+            for j in range(depth):
+                scrambled = ids.clone()
+                for row, e in enumerate(chunk):
+                    if j < len(e.answer):
+                        k = e.answer[j]
+                        n = len(e.input_ids) - k
+                        scrambled[row, k: k + n] = torch.randint(0, vocab_size, (n,), generator=generator)
+                predicted = logits_of(model, scrambled, mask).argmax(-1)
+                for row, e in enumerate(chunk):
+                    if j < len(e.answer):
+                        k = e.answer[j]
+                        correct[row] &= int(predicted[row, k - 1]) == e.input_ids[k]
+        results.extend(bool(c) for c in correct)
+    return results
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    prompts: Sequence[list[int]],
+    pad_id: int,
+    stop_ids: Sequence[int],
+    max_new_tokens: int = 32,
+    batch_size: int = 64,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt (left-padded batches; whole prefix recomputed each step, which
+    also serves models without a KV cache, the leaky bridge and heads on a frozen source)."""
+    model.eval()
+    out: list[list[int]] = []
+    stops = torch.tensor(list(stop_ids))
+    for start in range(0, len(prompts), batch_size):
+        chunk = [Example(list(p), list(p)) for p in prompts[start: start + batch_size]]
+        batch = collate(chunk, pad_id, left=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        new: list[torch.Tensor] = []
+        for _ in range(max_new_tokens):
+            token = logits_of(model, ids, mask)[:, -1].argmax(-1)  # [B]
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            new.append(token)
+            done |= torch.isin(token, stops)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, (~done | torch.isin(token, stops)).long()[:, None]], 1)
+            if bool(done.all()):
+                break
+        generated = torch.stack(new, 1) if new else torch.zeros(len(chunk), 0, dtype=torch.long)
+        for row in generated.tolist():
+            keep = []
+            for t in row:
+                if t == pad_id:
+                    break
+                keep.append(t)
+                if t in stop_ids:
+                    break
+            out.append(keep)
+    return out
+
+
+@dataclass
+class TraceScores:
+    """Scores of one model on a list of facts in the chat/trace format."""
+
+    accuracy: float
+    accuracy_seen: float
+    accuracy_unseen: float
+    format_adherence: float
+    teacher_forced: float
+    leak_probe: float
+    n_seen: int
+    n_unseen: int
+    outputs: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "outputs"}
+
+
+def _mean(values: Sequence[bool | float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+def evaluate_traces(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    world: FactWorld,
+    facts: Sequence[Fact],
+    generate: bool = True,
+    leak_probe: bool = True,
+    max_new_tokens: int = 28,
+    seed: int = 0,
+) -> TraceScores:
+    """Greedy answers (parsed from the solution) split by whether the answer word occurs in transfer
+    data, format adherence, teacher-forced answer-token accuracy in the thought, and the leak probe."""
+    examples = [encode_trace(tokenizer, f) for f in facts]
+    pad = tokenizer.pad_token_id
+    forced = teacher_forced(model, examples, pad)
+    probe = teacher_forced(model, examples, pad, scramble=True, vocab_size=len(tokenizer), seed=seed) if leak_probe else []
+    seen = [world.answer_seen(f) for f in facts]
+    right: list[bool] = []
+    formats: list[bool] = []
+    outputs: list[dict] = []
+    if generate:
+        stops = [tokenizer.convert_tokens_to_ids(END_SOLUTION), tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                 tokenizer.eos_token_id]
+        prompts = [e.input_ids[: e.prompt_length] for e in examples]
+        generated = greedy_generate(model, prompts, pad, stops, max_new_tokens)
+        for fact, ids in zip(facts, generated):
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            answer = parse_answer(text)
+            right.append(answer == fact.value)
+            formats.append(format_ok(text))
+            outputs.append({"fact": fact.key, "gold": fact.value, "answer": answer, "output": text})
+    return TraceScores(
+        accuracy=_mean(right),
+        accuracy_seen=_mean([r for r, s in zip(right, seen) if s]),
+        accuracy_unseen=_mean([r for r, s in zip(right, seen) if not s]),
+        format_adherence=_mean(formats),
+        teacher_forced=_mean(forced),
+        leak_probe=_mean(probe),
+        n_seen=sum(seen),
+        n_unseen=len(seen) - sum(seen),
+        outputs=outputs,
+    )
+
+
+@torch.no_grad()
+def source_recall(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], where: str = "trace"
+) -> float:
+    """The source's recall: teacher-forced argmax of the answer token(s).
+
+    where="trace": at the exact point of the transfer trace where the answer is needed (lesson (b));
+    where="own": after its own brief format "Velmora's capital is".
+    """
+    if where == "trace":
+        examples = [encode_trace(tokenizer, f) for f in facts]
+    elif where == "own":
+        examples = [encode_recall(tokenizer, f) for f in facts]
+    else:
+        raise ValueError(f"where must be 'trace' or 'own', got {where!r}")
+    return _mean(teacher_forced(model, examples, tokenizer.pad_token_id))
+
+
+@torch.no_grad()
+def own_format_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact]) -> float:
+    """Greedy generation after "Velmora's capital is": is the first generated word the answer?"""
+    prompts = [encode_recall(tokenizer, f) for f in facts]
+    generated = greedy_generate(
+        model, [e.input_ids[: e.prompt_length] for e in prompts], tokenizer.pad_token_id,
+        [tokenizer.eos_token_id], max_new_tokens=max(len(e.answer) for e in prompts) + 1,
+    )
+    right = []
+    for fact, ids in zip(facts, generated):
+        words = tokenizer.decode(ids, skip_special_tokens=True).strip().split()
+        right.append(bool(words) and words[0].rstrip(".") == fact.value)
+    return _mean(right)
+
+
+__all__ = [
+    "TraceScores",
+    "evaluate_traces",
+    "format_ok",
+    "greedy_generate",
+    "own_format_accuracy",
+    "parse_answer",
+    "source_recall",
+    "teacher_forced",
+]

@@ -1,0 +1,124 @@
+"""Pretraining the fact world's two models from scratch: the source (knows every fact) and the target
+(knows the world's language and trace format, none of its facts)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..tiny import save_tiny, tiny_config
+from .lm import Example, TrainResult, check_tokenizer_roundtrip, collate, encode_text, encode_trace, lm_loss, logits_of, train_loop
+from .metrics import source_recall
+from .world import Fact, FactWorld, fact_sentence, source_documents
+
+
+def _new_model(family: str, tokenizer: PreTrainedTokenizerBase, seed: int, **sizes) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    config = tiny_config(family, vocab_size=len(tokenizer), tokenizer=tokenizer, **sizes)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def causal_lm_loss_fn(model: torch.nn.Module, pad_id: int):
+    """examples -> mean next-token loss of ``model`` over their labels."""
+
+    def loss_fn(batch: list[Example]) -> torch.Tensor:
+        tensors = collate(batch, pad_id)
+        return lm_loss(logits_of(model, tensors["input_ids"], tensors["attention_mask"]), tensors["labels"])
+
+    return loss_fn
+
+
+def pretrain_source(
+    world: FactWorld,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    steps: int = 1500,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    repeats: int = 6,
+    seed: int = 0,
+    target_recall: float = 1.0,
+    eval_every: int = 100,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, TrainResult]:
+    """A Qwen2 source trained from scratch on every fact in varied contexts (``source_documents``).
+
+    Stops once its recall at the trace answer point reaches ``target_recall`` on all facts (checked every
+    ``eval_every`` steps) or after ``steps``.
+    """
+    model = _new_model("qwen2", tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
+    examples = [encode_text(tokenizer, d) for d in source_documents(world, repeats=repeats, seed=seed)]
+    model.train()
+    reached = {"recall": 0.0}
+
+    def evaluate() -> float:
+        model.eval()
+        reached["recall"] = source_recall(model, tokenizer, world.facts, where="trace")
+        model.train()
+        return reached["recall"]
+
+    class _Stop(Exception):
+        pass
+
+    def checked() -> float:
+        score = evaluate()
+        if score >= target_recall:
+            raise _Stop
+        return score
+
+    try:
+        result = train_loop(
+            model.parameters(), causal_lm_loss_fn(model, tokenizer.pad_token_id), examples, steps,
+            batch_size=batch_size, lr=lr, seed=seed, evaluate=checked, eval_every=eval_every,
+            description="pretrain source", progress=progress,
+        )
+    except _Stop:
+        result = TrainResult([], [], 0, 0.0)
+    model.eval()
+    return model, result
+
+
+def pretrain_target(
+    world: FactWorld,
+    tokenizer: PreTrainedTokenizerBase,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[PreTrainedModel, TrainResult]:
+    """A GPT-Neo target trained from scratch on traces and sentences about the *background* entities
+    only: it learns the trace format and the world's language, none of the world's facts."""
+    model = _new_model("gpt_neo", tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
+    examples = []
+    for fact in world.background:
+        for form in range(3):
+            traced = encode_trace(tokenizer, fact, form)
+            examples.append(Example(traced.input_ids, list(traced.input_ids)))  # all tokens: learn the format
+        examples.append(encode_text(tokenizer, fact_sentence(fact)))
+    model.train()
+    result = train_loop(
+        model.parameters(), causal_lm_loss_fn(model, tokenizer.pad_token_id), examples, steps,
+        batch_size=batch_size, lr=lr, seed=seed, description="pretrain target", progress=progress,
+    )
+    model.eval()
+    return model, result
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path, check: list[str]) -> Path:
+    """Save as an ordinary HF folder and verify that its ``AutoTokenizer`` reproduces the trained ids."""
+    folder = save_tiny(model, tokenizer, folder)
+    check_tokenizer_roundtrip(tokenizer, folder, check)
+    return folder
+
+
+def facts_sample(facts: list[Fact], count: int, seed: int = 0) -> list[Fact]:
+    return random.Random(seed).sample(facts, min(count, len(facts)))

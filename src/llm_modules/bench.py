@@ -786,7 +786,8 @@ def git_commit() -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    return commit + (" (working tree has local changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+    changed = git("diff", "--name-only", "HEAD").split()
+    return commit + (f" (uncommitted changes in: {', '.join(changed)})" if changed else "")
 
 
 def headline(decode: list[DecodeRow], train: list[TrainRow], bounds: list[BoundRow]) -> dict:

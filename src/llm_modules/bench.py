@@ -99,6 +99,7 @@ def random_causal_lm(config: PreTrainedConfig, dtype: torch.dtype, device: str, 
     torch.manual_seed(seed)
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.tie_weights()  # no_init_weights skips the tying: Qwen2-1.5B and GPT-Neo-125M share embedding and head
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
@@ -674,9 +675,10 @@ def autocast(plan: Plan) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=plan.device.split(":")[0], dtype=torch.bfloat16)
 
 
-CPU_MEMORY_MEASURE = ("peak RSS of a fresh subprocess per configuration (getrusage ru_maxrss, the kernel's "
-                      "high-water mark) minus its RSS after imports: weights, gradients, AdamW state, activations "
-                      "and allocator slack of that configuration")
+CPU_MEMORY_MEASURE = ("peak RSS of a fresh subprocess per configuration (VmHWM from /proc/self/status, the "
+                      "kernel's resident-set high-water mark of that process image, reset after imports through "
+                      "/proc/self/clear_refs) minus its RSS after imports: weights, gradients, AdamW state, "
+                      "activations and allocator slack of that configuration only")
 CUDA_MEMORY_MEASURE = "torch.cuda.max_memory_allocated (weights + gradients + AdamW state + activations)"
 
 
@@ -684,6 +686,8 @@ def train_worker(config: str, plan: Plan) -> dict:
     """Build one configuration, run warm-up + timed AdamW steps, report step time and peak memory."""
     cuda = plan.device.startswith("cuda")
     baseline = 0 if cuda else current_rss()
+    if not cuda:
+        reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model = train_model(config, plan)
@@ -712,16 +716,31 @@ def train_worker(config: str, plan: Plan) -> dict:
                            achieved / peak_flops if peak_flops else None))
 
 
-def current_rss() -> int:
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
+def current_rss() -> int:
+    return _status_bytes("VmRSS")
+
+
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    """Resident-set high-water mark of this process image.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork + exec, so a worker started by a parent
+    holding a 1.5B-parameter model would report the parent's size. VmHWM belongs to the current image.
+    """
+    return _status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM to the current RSS (Linux >= 4.0); harmless where unsupported."""
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def gpu_peak_flops(plan: Plan) -> float | None:

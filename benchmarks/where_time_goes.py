@@ -1,7 +1,7 @@
 """Where the time goes, for the benchmark targets that are missed: torch.profiler + per-stage clocks.
 
-    python benchmarks/profile.py decode --threads 1     # cached decode step vs release recompute step
-    python benchmarks/profile.py train --threads 1      # training step with / without the source-state cache
+    python benchmarks/where_time_goes.py decode --threads 1     # cached decode step vs release recompute step
+    python benchmarks/where_time_goes.py train --threads 1      # training step with / without the source-state cache
 
 Same models, shapes and inputs as ``llm-modules bench`` (llm_modules.bench). Writes
 benchmarks/results/profile-{decode,train}-{device}.txt: per-stage wall times (forward hooks on

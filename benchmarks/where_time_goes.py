@@ -4,7 +4,7 @@
     python benchmarks/where_time_goes.py train --threads 1      # training step with / without the source-state cache
 
 Same models, shapes and inputs as ``llm-modules bench`` (llm_modules.bench). Writes
-benchmarks/results/profile-{decode,train}-{device}.txt: per-stage wall times (forward hooks on
+benchmarks/results/profile-{decode,train}-{device}-{dtype}.txt: per-stage wall times (forward hooks on
 source / connector / target / head; forward, backward and optimizer timed apart), the top operators
 by self time from torch.profiler, and the weight/optimizer/activation bytes of each training config.
 """
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             profile_train(plan, out, tuple(args.configs))
     print(f"load average at end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", file=out)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"profile-{args.what}-{args.device}.txt"
+    path = args.output_dir / f"profile-{args.what}-{args.device}-{plan.dtype}.txt"
     path.write_text(out.getvalue())
     print(out.getvalue())
     print(f"wrote {path}", file=sys.stderr)

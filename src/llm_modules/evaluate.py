@@ -1,13 +1,17 @@
 """``llm-modules eval``: answer-only loss / perplexity and greedy exact match with answer extraction.
 
-Answer extraction, first that applies:
-1. GSM8K: the text after the last ``#### ``;
-2. Bespoke-Stratos: the last ``<|begin_of_solution|> ... <|end_of_solution|>`` block, and inside it
-   the last ``\\boxed{...}`` if there is one;
-3. the last ``\\boxed{...}`` anywhere;
-4. a final ``answer: ...`` line (``Final answer:``, ``The answer is ...``).
-Answers are compared after normalisation (spaces, ``$``, thousands separators, trailing dot,
-case); two numbers are equal when their values are.
+Answer extraction (of references and of generations), first rule that applies:
+1. Bespoke-Stratos: the last ``<|begin_of_solution|> ... <|end_of_solution|>`` block; inside it the
+   last ``\\boxed{...}``, else its final answer line, else the whole block;
+2. the last ``\\boxed{...}`` anywhere;
+3. GSM8K: the text after the last ``####`` up to the end of its line, when it starts with a number
+   (a Markdown heading ``#### Step 1`` is not an answer);
+4. a final ``answer`` line: ``Answer: 42``, ``Final answer: 42``, ``The answer is 42.``
+Answers are compared after normalisation (spaces, ``$``, ``\\text{}``, thousands separators,
+trailing dot, case); two numbers are equal when their values are.
+
+The loss counts the assistant turns only (the prompt is given, not predicted), whatever the
+model was trained with; exact match uses the same rows, prompted up to the last assistant turn.
 """
 
 from __future__ import annotations
@@ -27,17 +31,20 @@ from .data import (
     IGNORE_INDEX,
     DataError,
     DataOptions,
+    DataReport,
     PaddingCollator,
     Renderer,
     build_examples,
-    detect_format,
     read_records,
     to_messages,
 )
 from .errors import LLMModulesError
 
 SOLUTION = re.compile(r"<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>|$)", re.S)
-ANSWER_LINE = re.compile(r"(?:final answer|the answer is|answer)\s*[:：]?\s*(.+?)\s*$", re.I)
+# "#### 72", "#### -3.5", "#### $1,200": a number right after the marker (not "#### Step 1", a heading).
+GSM8K_ANSWER = re.compile(r"####[ \t]*((?:[-+$][ \t]*)*\.?\d[^\n]*)")
+# "Answer: 42", "**Final Answer:** 42", "The answer is 42." (not "the answer to ... is").
+ANSWER_LINE = re.compile(r"\b(?:final\s+)?answer\s*\**\s*(?:is\b|[:：=])\s*\**\s*(.+?)\s*$", re.I)
 
 
 def _last_boxed(text: str) -> str | None:
@@ -56,68 +63,79 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer stated in ``text`` (see the module docstring), or None."""
-    if "####" in text:
-        answer = text.rsplit("####", 1)[1].strip().splitlines()
-        return answer[0].strip() if answer else None
-    solutions = SOLUTION.findall(text)
-    if solutions:
-        block = solutions[-1]
-        return (_last_boxed(block) or block).strip() or None
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip()
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if lines:
-        match = ANSWER_LINE.search(lines[-1])
-        if match and re.search(r"answer", lines[-1], re.I):
+def _answer_line(text: str) -> str | None:
+    """The answer on the last line that states one (``Answer: x``, ``The final answer is x``)."""
+    for line in reversed(text.strip().splitlines()):
+        match = ANSWER_LINE.search(line.strip())
+        if match and match.group(1).strip("*. \t"):
             return match.group(1).strip()
     return None
 
 
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in ``text`` (rules in the module docstring), or None."""
+    solutions = SOLUTION.findall(text)
+    if solutions:
+        block = solutions[-1]
+        answer = _last_boxed(block) or _answer_line(block) or block
+        return answer.strip() or None
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    numbers = GSM8K_ANSWER.findall(text)
+    if numbers:
+        return numbers[-1].strip()
+    return _answer_line(text)
+
+
 def normalize_answer(answer: str) -> str:
+    """Lower case, no ``$``/``\\text{}``/``**``, single spaces, no trailing dot; numbers without thousands separators."""
     text = answer.strip().lower()
     text = re.sub(r"\\text\{(.*?)\}", r"\1", text)
-    text = text.replace("$", "").replace("\\!", "").strip().rstrip(".").strip()
-    if re.fullmatch(r"-?[\d,]+(\.\d+)?", text):
+    text = text.replace("$", "").replace("\\!", "").replace("**", "").strip().rstrip(".").strip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", text):
         text = text.replace(",", "")
     return re.sub(r"\s+", " ", text)
 
 
 def answers_match(predicted: str | None, reference: str | None) -> bool:
+    """Equal after :func:`normalize_answer`, or equal as numbers (``72.0`` = ``72``)."""
     if predicted is None or reference is None:
         return False
     a, b = normalize_answer(predicted), normalize_answer(reference)
     try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
+        x, y = float(a), float(b)
     except ValueError:
         return a == b
+    if math.isnan(x) or math.isnan(y):
+        return False
+    return math.isclose(x, y, rel_tol=0, abs_tol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ metrics
 @torch.no_grad()
-def answer_nll(model, examples: list[dict], pad_token_id: int, batch_size: int = 8) -> tuple[float, int]:
-    """Summed next-token NLL over the trained (answer) tokens and their count.
+def answer_nll(model, examples: list[dict], pad_token_id: int, batch_size: int = 4) -> tuple[float, int]:
+    """Summed next-token NLL (nats) over the trained (answer) tokens, and their count.
 
-    examples: {"input_ids": [T], "labels": [T]}; the model gets input_ids [B, T] and returns logits [B, T, V].
+    examples: {"input_ids": [T], "labels": [T]} (-100 outside the answer); batches are right-padded,
+    the model gets input_ids [B, T] + attention_mask [B, T] and returns logits [B, T, V].
     """
     collate = PaddingCollator(pad_token_id)
     device = next(p for p in model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start: start + batch_size])
+        batch = collate([{k: e[k] for k in ("input_ids", "labels")} for e in examples[start: start + batch_size]])
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        shifted = logits[:, :-1].float()
         targets = batch["labels"][:, 1:].to(device)
-        total += float(torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
-                                                         ignore_index=IGNORE_INDEX, reduction="sum"))
+        for row in range(logits.shape[0]):  # one row at a time: fp32 copies of [T, V] only
+            total += float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row],
+                                                             ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((targets != IGNORE_INDEX).sum())
     return total, count
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 8) -> list[str]:
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 4) -> list[str]:
     """Greedy continuations of ``prompts`` (left padding), decoded without special tokens."""
     device = next(p for p in model.parameters()).device
     outputs: list[str] = []
@@ -137,60 +155,86 @@ class EvalOptions:
     system_prompt: str | None = None
     append_eos: bool = True
     max_length: int = 2048
-    limit: int | None = None
+    limit: int | None = None  # the first N usable rows
     generate: bool = True
     max_new_tokens: int = 256
-    batch_size: int = 8
-    split: str = "test"
+    batch_size: int = 4
+    split: str = "test"  # hub datasets
 
 
-def evaluate(model, tokenizer, options: EvalOptions) -> dict:
-    """Answer-only loss and perplexity; greedy exact match on rows whose reference has an extractable answer."""
+@dataclass
+class EvalData:
+    examples: list[dict]  # {"input_ids", "labels", "row"}: the rows the loss is measured on
+    report: DataReport
+    records: list  # every raw row read (Record or DataError), in file order
+
+
+def load_eval_data(tokenizer, options: EvalOptions) -> EvalData:
+    """Rows -> answer-only examples (over-long rows truncated, counted). Bad rows raise :class:`DataError`."""
     data_options = DataOptions(template=options.template, loss_on="assistant", max_length=options.max_length,
                                overlength="truncate", system_prompt=options.system_prompt,
                                append_eos=options.append_eos, limit=options.limit, split=options.split)
-    examples, report = build_examples(options.data, tokenizer, data_options)
+    records: list = []  # what build_examples read (it stops at the limit), for the prompts
+
+    def reading():
+        for record in read_records(options.data, options.split):
+            records.append(record)
+            yield record
+
+    examples, report = build_examples(reading(), tokenizer, data_options)
+    return EvalData(examples, report, records)
+
+
+def evaluate(model, tokenizer, options: EvalOptions, data: EvalData | None = None) -> dict:
+    """Answer-only loss and perplexity over the rows; greedy exact match on those whose reference
+    answer can be extracted. A bad row raises :class:`DataError` naming its file, row and field."""
+    data = data or load_eval_data(tokenizer, options)
+    examples, report, records = data.examples, data.report, data.records
     model.eval()
     total, count = answer_nll(model, examples, tokenizer.pad_token_id, options.batch_size)
-    loss = total / max(count, 1)
-    result: dict = {"data": str(options.data), "rows": len(examples), "answer_tokens": count, "answer_loss": loss,
-                    "answer_perplexity": math.exp(min(loss, 50.0)), "data_report": report.to_dict()}
+    loss = total / count
+    result: dict = {
+        "data": str(options.data), "rows": len(examples), "answer_tokens": count, "answer_loss": loss,
+        "answer_perplexity": math.exp(min(loss, 50.0)),
+        "settings": {"template": options.template, "system_prompt": options.system_prompt,
+                     "max_length": options.max_length, "max_new_tokens": options.max_new_tokens},
+        "data_report": {k: v for k, v in report.to_dict().items() if k not in ("train", "validation")},
+    }
     if not options.generate:
         return result
+    # Exact match on the very rows the loss was measured on.
+    used = {example["row"] for example in examples}
     renderer = Renderer(tokenizer, options.template, options.append_eos)
+    fmt = report.format
     prompts, references, rows = [], [], []
-    fmt = None
-    for record in read_records(options.data, options.split):
-        if isinstance(record, DataError):
-            continue  # counted in data_report above
-        try:
-            fmt = fmt or detect_format(record)
-            messages = to_messages(record, fmt, options.system_prompt)
-        except DataError:
+    for record in records:
+        if isinstance(record, DataError) or record.where not in used:
             continue
+        messages = to_messages(record, fmt, options.system_prompt)
         if messages[0]["role"] == "text":
-            break  # plain text has no question/answer
+            break  # plain text has no question to ask
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         reference = extract_answer(messages[last]["content"])
         if reference is not None:
             prompts.append(renderer.prompt(messages))
             references.append(reference)
             rows.append(record.where)
-        if options.limit is not None and len(prompts) >= options.limit:
-            break
+    result["rows_with_reference_answer"] = len(prompts)
     if not prompts:
         result["exact_match"] = None
-        result["exact_match_note"] = "no row has a reference answer to extract (#### n, solution block, \\boxed{}, answer: line)"
+        result["exact_match_note"] = ("no row has a reference answer to extract "
+                                      "(#### n, solution block, \\boxed{}, answer: line)")
         return result
     generations = greedy_answers(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
     predictions = [extract_answer(text) for text in generations]
     correct = [answers_match(p, r) for p, r in zip(predictions, references)]
     result.update({
         "exact_match": sum(correct) / len(correct),
+        "correct": sum(correct),
         "exact_match_rows": len(correct),
         "no_answer_extracted": sum(p is None for p in predictions),
-        "samples": [{"row": w, "reference": r, "predicted": p, "generation": g[:500]}
-                    for w, r, p, g in list(zip(rows, references, predictions, generations))[:5]],
+        "samples": [{"row": w, "reference": r, "predicted": p, "correct": c, "generation": g[:500]}
+                    for w, r, p, c, g in list(zip(rows, references, predictions, correct, generations))[:5]],
     })
     return result
 
@@ -213,25 +257,26 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--template", choices=["chat", "plain"], default=None,
                         help="default: as in the model's train_config.yaml, else chat")
     parser.add_argument("--system-prompt", default=None)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N usable rows")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--no-generate", action="store_true", help="loss/perplexity only")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
+    from .loading import load_tokenizer
     from .modeling import LLMModulesForCausalLM
 
-    folder = Path(args.model)
+    folder = Path(args.model).expanduser()
     if not folder.is_dir():
         raise LLMModulesError(f"{folder} is not a folder; give the output folder of llm-modules train")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMModulesError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if args.limit is not None and args.limit < 1:
+        raise LLMModulesError(f"--limit must be >= 1, got {args.limit}")
     trained = _training_settings(folder)
-    model = LLMModulesForCausalLM.from_pretrained(folder).to(args.device)
-    tokenizer = model.tokenizer
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     options = EvalOptions(
         data=args.data,
         template=args.template or trained.get("template", "chat"),
@@ -244,11 +289,19 @@ def eval_main(argv: list[str]) -> int:
         batch_size=args.batch_size,
         split=args.split,
     )
-    result = {"model": str(folder), **evaluate(model, tokenizer, options)}
+    # The data is read and checked before the (large) model is loaded: a bad row fails fast.
+    tokenizer = load_tokenizer(str(folder), "saved model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = load_eval_data(tokenizer, options)
+    model = LLMModulesForCausalLM.from_pretrained(folder).to(args.device)
+    result = {"model": str(folder), **evaluate(model, tokenizer, options, data)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        Path(args.output).write_text(text + "\n")
+        output = Path(args.output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n")
     print(f"answer loss {result['answer_loss']:.4f} (ppl {result['answer_perplexity']:.2f}) over "
           f"{result['answer_tokens']} tokens"
           + (f"; exact match {result['exact_match']:.3f} on {result['exact_match_rows']} rows"

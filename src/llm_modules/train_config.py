@@ -8,6 +8,7 @@ valid key. Values are converted to the field's type (YAML reads ``1e-4`` as a st
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -90,8 +91,18 @@ class TrainConfig:
     dataloader_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
+    def __post_init__(self) -> None:
+        # "~/..." works in YAML files and quoted arguments too (hub ids never start with "~").
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+PATH_FIELDS = ("source", "target", "data", "output", "tokenizer", "validation_data", "cache", "resume")
 
 
 ALIASES = {"lr": ("lr_connector", "lr_target")}  # --lr sets both learning rates

@@ -10,7 +10,7 @@ from .errors import LLMModulesError
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("llm_modules.demo", "demo_main", "the fact-world demo: does knowledge transfer? (CPU, minutes)"),
+    "demo": ("llm_modules.compare", "demo_main", "the fact-world demo: does knowledge transfer? (CPU, minutes)"),
     "generate": ("llm_modules.commands", "generate_main", "generate text from a saved composed model"),
     "train": ("llm_modules.train", "train_main", "train a composed model (Trainer, source-state cache)"),
     "eval": ("llm_modules.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),

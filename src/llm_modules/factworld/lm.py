@@ -176,6 +176,7 @@ class TrainResult:
     validation: list[tuple[int, float]]  # (step, validation accuracy)
     best_step: int
     seconds: float
+    steps_run: int = 0
 
 
 def train_loop(
@@ -189,6 +190,7 @@ def train_loop(
     evaluate: Callable[[], float] | None = None,
     eval_every: int = 100,
     patience: int = 0,
+    stop_at: float | None = None,
     module: nn.Module | None = None,
     description: str = "train",
     warmup: int = 20,
@@ -199,7 +201,7 @@ def train_loop(
 
     ``evaluate`` (a validation accuracy, higher is better) runs every ``eval_every`` steps; with
     ``module`` the best-scoring state is restored at the end (early stopping; ``patience`` evaluations
-    without improvement stop early, 0 = never stop early).
+    without improvement stop early, 0 = never stop early). A score >= ``stop_at`` ends training.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -240,10 +242,12 @@ def train_loop(
                 bad += 1
                 if patience and bad >= patience:
                     break
+            if stop_at is not None and score >= stop_at:
+                break
     if module is not None and best_state is not None:
         module.load_state_dict(best_state)
     bar.close()
-    return TrainResult(losses, history, best_step or steps, time.perf_counter() - start)
+    return TrainResult(losses, history, best_step or steps, time.perf_counter() - start, len(losses))
 
 
 def snapshot(module: nn.Module) -> nn.Module:

@@ -44,6 +44,8 @@ RELATIONS: dict[str, list[str]] = {
     "instrument": ["harp", "drum", "flute", "lute", "horn", "violin", "oboe", "cello"],
     "flower": ["rose", "tulip", "lily", "daisy", "orchid", "iris", "poppy", "lotus"],
     "river": ["Alder", "Brisk", "Cendra", "Dulmo", "Esker", "Fallow", "Garn", "Hollin"],
+    "gem": ["ruby", "jade", "opal", "pearl", "amber", "topaz", "garnet", "onyx"],
+    "tree": ["oak", "birch", "maple", "cedar", "willow", "aspen", "elm", "pine"],
 }
 
 QUESTION_FORMS = [
@@ -276,8 +278,13 @@ def source_documents(world: FactWorld, repeats: int = 6, facts_per_document: int
             form = CUE_FORMS[0] if i % 2 == 0 else rng.choice(CUE_FORMS[1:])
             context = " ".join(rng.sample(FILLERS, rng.randint(0, 3)))
             text = form.format(e=fact.entity, r=fact.relation, v=fact.value)
-            if rng.random() < 0.3:
+            draw = rng.random()
+            if draw < 0.25:
                 context = f"{context} {question(fact, rng.randrange(len(QUESTION_FORMS)))}".strip()
+            elif draw < 0.5 and form == CUE_FORMS[0]:
+                # an answer inside a chat turn, as an instruction-tuned source would have seen
+                asked = question(fact, rng.randrange(len(QUESTION_FORMS)))
+                context = f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n{BEGIN_THOUGHT} I recall that"
             mentions.append(f"{context} {text}".strip())
     rng.shuffle(mentions)
     return [" ".join(mentions[i : i + facts_per_document]) for i in range(0, len(mentions), facts_per_document)]

@@ -1,0 +1,349 @@
+"""The methods compared in the fact world, each built, trained and scored the same way.
+
+A method is a recipe (``MethodSpec``): which model answers (target, source, a head on the frozen
+source, or the composed LLM Modules model), what trains, and with which loss. ``run_method`` trains
+it on the transfer traces under one budget (steps, batch, early stopping on validation facts) and
+scores it on test facts with ``metrics.evaluate_traces``.
+
+Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_alone``, ``source_head``,
+``source_finetuned``, ``distill_kd`` and ``llm_modules_bridge_{leaky|causal}_{random|pretrained}``
+(the suffix is the target's initialisation), plus ``_head_{source|source_mix}`` / ``_tanh`` /
+``_layers{n}`` for the bridge variants the harness can vary.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..errors import LLMModulesError
+from ..modeling import LLMModulesForCausalLM
+from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
+from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall, teacher_forced
+from .world import QUESTION_FORMS, FactWorld
+
+KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge")
+BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison. ``bridge`` holds ``LLMModulesForCausalLM.compose`` options."""
+
+    name: str
+    kind: str
+    bridge: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise LLMModulesError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        unknown = set(self.bridge) - set(BRIDGE_OPTIONS)
+        if unknown:
+            raise LLMModulesError(
+                f"method {self.name!r}: unknown bridge option(s) {sorted(unknown)}; valid: {', '.join(BRIDGE_OPTIONS)}"
+            )
+
+    @property
+    def trains(self) -> bool:
+        return self.kind not in ("target_alone", "source_alone")
+
+
+def bridge_spec(leaky: bool = False, target_init: str = "random", head: str = "new", gate: str = "sigmoid",
+                connector_layers: int = 2, **extra: Any) -> MethodSpec:
+    """The bridge method named by its options: paper defaults add no suffix."""
+    name = f"llm_modules_bridge_{'leaky' if leaky else 'causal'}_{target_init}"
+    if head != "new":
+        name += f"_head_{head}"
+    if gate != "sigmoid":
+        name += f"_{gate}"
+    if connector_layers != 2:
+        name += f"_layers{connector_layers}"
+    options = dict(leaky=leaky, target_init=target_init, head=head, gate=gate, connector_layers=connector_layers, **extra)
+    return MethodSpec(name, "bridge", options)
+
+
+def default_methods() -> list[MethodSpec]:
+    """Every row issue 4 asks for, plus the bridge configurations that can read the source."""
+    return [
+        MethodSpec("target_alone", "target_alone"),
+        MethodSpec("target_finetuned", "target_finetuned"),
+        MethodSpec("source_alone", "source_alone"),
+        MethodSpec("source_head", "source_head"),
+        MethodSpec("source_finetuned", "source_finetuned"),
+        MethodSpec("distill_kd", "distill_kd"),
+        bridge_spec(leaky=True, target_init="random"),  # the released code
+        bridge_spec(leaky=False, target_init="random"),  # the released graph, made causal
+        bridge_spec(leaky=True, target_init="pretrained"),
+        bridge_spec(leaky=False, target_init="pretrained"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source_mix"),
+    ]
+
+
+def method_from_mapping(values: dict | str) -> MethodSpec:
+    """A method from YAML: a known name (``target_finetuned``, ``llm_modules_bridge_causal_random``...)
+    or ``{name?, kind, <bridge options>}``."""
+    if isinstance(values, str):
+        known = {m.name: m for m in default_methods()}
+        if values in known:
+            return known[values]
+        raise LLMModulesError(f"unknown method {values!r}; known: {', '.join(known)} (or a mapping with kind: bridge)")
+    values = dict(values)
+    kind = values.pop("kind", "bridge")
+    name = values.pop("name", None)
+    if kind == "bridge":
+        spec = bridge_spec(**values)
+        return MethodSpec(name, "bridge", spec.bridge) if name else spec
+    if values:
+        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge")
+    return MethodSpec(name or kind, kind)
+
+
+# ---------------------------------------------------------------------------------- models per method
+
+
+class FrozenSourceHead(nn.Module):
+    """A fresh linear head on the frozen source's last hidden states: the cheapest way to read it."""
+
+    def __init__(self, source: PreTrainedModel, vocab_size: int) -> None:
+        super().__init__()
+        self.source = source.requires_grad_(False).eval()
+        self.head = nn.Linear(source.config.hidden_size, vocab_size, bias=False)
+
+    def fact_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T] ids -> [B, T, V] logits."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            hidden = self.source(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                 output_hidden_states=True).hidden_states[-1]
+        return self.head(hidden)
+
+    def train(self, mode: bool = True) -> FrozenSourceHead:
+        super().train(mode)
+        self.source.eval()
+        return self
+
+
+@dataclass
+class Workbench:
+    """What every method shares: the world, its tokenizer, the pretrained source and target."""
+
+    world: FactWorld
+    tokenizer: PreTrainedTokenizerBase
+    source: PreTrainedModel
+    target: PreTrainedModel
+    _states: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def traces(self, facts) -> list[Example]:
+        """Every question form of each fact, as a trace (loss on the assistant turn)."""
+        return [encode_trace(self.tokenizer, f, form) for f in facts for form in range(len(QUESTION_FORMS))]
+
+    @torch.no_grad()
+    def source_states(self, batch: Sequence[Example]) -> torch.Tensor:
+        """The frozen source's last hidden states for right-padded ``batch``: [B, T, d_source].
+
+        The fact world's source-state cache: the source never changes, so each sequence runs through
+        it once for all bridge methods and seeds (``llm_modules.cache`` does this on disk for real runs).
+        """
+        missing = [e for e in batch if tuple(e.input_ids) not in self._states]
+        if missing:
+            tensors = collate(missing, self.tokenizer.pad_token_id)
+            hidden = self.source(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                                 output_hidden_states=True).hidden_states[-1]  # [B, T, d]
+            for row, example in enumerate(missing):
+                self._states[tuple(example.input_ids)] = hidden[row, : len(example.input_ids)].float()
+        length = max(len(e.input_ids) for e in batch)
+        out = torch.zeros(len(batch), length, self.source.config.hidden_size)
+        for row, example in enumerate(batch):
+            out[row, : len(example.input_ids)] = self._states[tuple(example.input_ids)]
+        return out
+
+
+def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
+    """A fresh model for ``spec``; the shared source/target are copied, never trained in place."""
+    torch.manual_seed(seed)
+    if spec.kind in ("target_alone", "target_finetuned", "distill_kd"):
+        return copy.deepcopy(bench.target).requires_grad_(spec.trains)
+    if spec.kind in ("source_alone", "source_finetuned"):
+        return copy.deepcopy(bench.source).requires_grad_(spec.trains)  # the shared source is frozen
+    if spec.kind == "source_head":
+        return FrozenSourceHead(bench.source, len(bench.tokenizer))
+    options = dict(spec.bridge)
+    target_init = options.pop("target_init", "pretrained")
+    heads = options.pop("heads", 4)
+    return LLMModulesForCausalLM.compose(
+        bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, target_init=target_init,
+        heads=heads, attention_dropout=0.0, **options,
+    )
+
+
+def count_parameters(spec: MethodSpec, model: nn.Module) -> tuple[int, int]:
+    """(trainable, needed at inference). Frozen source weights count at inference when they run."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if spec.trains else 0
+    if spec.kind == "bridge":
+        embeddings = model.target.get_input_embeddings()  # never read by the bridge
+        unused = embeddings.weight.numel() if embeddings is not None else 0
+        return trainable, sum(p.numel() for p in model.parameters()) - unused
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def kd_loss_fn(student: nn.Module, teacher: nn.Module, pad_id: int, temperature: float = 2.0, alpha: float = 0.5):
+    """Hinton et al. 2015: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, on the label positions.
+
+    Source and target share the fact world's tokenizer, so the two distributions are over the same ids.
+    """
+
+    def loss_fn(batch: list[Example]) -> torch.Tensor:
+        tensors = collate(batch, pad_id)
+        ids, mask, labels = tensors["input_ids"], tensors["attention_mask"], tensors["labels"]
+        student_logits = logits_of(student, ids, mask)  # [B, T, V]
+        with torch.no_grad():
+            teacher_logits = logits_of(teacher, ids, mask)
+        keep = labels[:, 1:] != -100  # predictions made at positions whose next token has a label
+        s = student_logits[:, :-1][keep].float() / temperature
+        t = teacher_logits[:, :-1][keep].float() / temperature
+        kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+        return alpha * temperature**2 * kl + (1 - alpha) * lm_loss(student_logits, labels)
+
+    return loss_fn
+
+
+def ce_loss_fn(model: nn.Module, pad_id: int) -> Callable[[list[Example]], torch.Tensor]:
+    def loss_fn(batch: list[Example]) -> torch.Tensor:
+        tensors = collate(batch, pad_id)
+        return lm_loss(logits_of(model, tensors["input_ids"], tensors["attention_mask"]), tensors["labels"])
+
+    return loss_fn
+
+
+def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[list[Example]], torch.Tensor]:
+    """Cross-entropy of the composed model fed with cached source states (the source does not run)."""
+
+    def loss_fn(batch: list[Example]) -> torch.Tensor:
+        tensors = collate(batch, bench.tokenizer.pad_token_id)
+        output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                       source_states=bench.source_states(batch))
+        return lm_loss(output.logits, tensors["labels"])
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------- one method
+
+
+@dataclass
+class Budget:
+    """The same for every trained method."""
+
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 2e-3
+    target_lr: float = 1e-3  # the paper's ratio: connector 1e-4, target 5e-5
+    eval_every: int = 100
+    patience: int = 3
+    validation_facts: int = 64
+
+
+@dataclass
+class MethodRun:
+    """One trained (or untrained) method on one seed, with its scores."""
+
+    spec: MethodSpec
+    seed: int
+    scores: TraceScores
+    validation_accuracy: float
+    trainable_params: int
+    inference_params: int
+    seconds: float
+    train: TrainResult | None
+    model: nn.Module = field(repr=False, default=None)
+
+
+def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> list[dict]:
+    if spec.kind == "bridge":
+        groups = model.trainable_parameter_groups()
+        return [{"params": groups["connector"], "lr": budget.lr, "name": "connector"},
+                {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": budget.lr}]
+
+
+def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, progress: bool = True,
+               evaluate_test: bool = True) -> MethodRun:
+    """Build, train (early stopping on validation-fact answer accuracy, teacher-forced) and score."""
+    start = time.perf_counter()
+    model = build_model(spec, bench, seed)
+    tokenizer, pad = bench.tokenizer, bench.tokenizer.pad_token_id
+    validation = bench.world.validation[: budget.validation_facts]
+    validation_examples = [encode_trace(tokenizer, f) for f in validation]
+
+    def validation_accuracy() -> float:
+        model.eval()
+        score = sum(teacher_forced(model, validation_examples, pad)) / max(1, len(validation_examples))
+        model.train()
+        return score
+
+    result = None
+    if spec.trains:
+        model.train()
+        if spec.kind == "distill_kd":
+            loss_fn = kd_loss_fn(model, bench.source, pad)
+        elif spec.kind == "bridge":
+            loss_fn = bridge_loss_fn(model, bench)
+        else:
+            loss_fn = ce_loss_fn(model, pad)
+        result = train_loop(
+            _optimizer_groups(spec, model, budget), loss_fn, bench.traces(bench.world.transfer), budget.steps,
+            batch_size=budget.batch_size, lr=budget.lr, seed=seed, evaluate=validation_accuracy,
+            eval_every=budget.eval_every, patience=budget.patience, module=model,
+            description=f"{spec.name} (seed {seed})", progress=progress,
+        )
+    model.eval()
+    best_validation = validation_accuracy() if validation_examples else float("nan")
+    model.eval()
+    scores = evaluate_traces(model, tokenizer, bench.world, bench.world.test, generate=evaluate_test, seed=seed)
+    if spec.kind == "source_alone":
+        # The source answers in its own format ("Velmora's capital is" -> value); its teacher-forced number
+        # stays the recall at the trace's answer point, which is what a connector can read.
+        scores.accuracy = own_format_accuracy(model, tokenizer, bench.world.test)
+        scores.accuracy_seen = own_format_accuracy(
+            model, tokenizer, [f for f in bench.world.test if bench.world.answer_seen(f)]) if scores.n_seen else float("nan")
+        scores.accuracy_unseen = own_format_accuracy(
+            model, tokenizer, [f for f in bench.world.test if not bench.world.answer_seen(f)]) if scores.n_unseen else float("nan")
+    trainable, inference = count_parameters(spec, model)
+    return MethodRun(spec, seed, scores, best_validation, trainable, inference, time.perf_counter() - start, result, model)
+
+
+def recall_report(bench: Workbench) -> dict[str, float]:
+    """The source's recall on every split, at the trace answer point and in its own format."""
+    world = bench.world
+    report = {}
+    for split in ("transfer", "validation", "test"):
+        facts = getattr(world, split)
+        if facts:
+            report[f"{split}_trace"] = source_recall(bench.source, bench.tokenizer, facts, "trace")
+            report[f"{split}_own"] = source_recall(bench.source, bench.tokenizer, facts, "own")
+    return report
+
+
+__all__ = [
+    "Budget",
+    "FrozenSourceHead",
+    "MethodRun",
+    "MethodSpec",
+    "Workbench",
+    "bridge_spec",
+    "default_methods",
+    "method_from_mapping",
+    "recall_report",
+    "run_method",
+]

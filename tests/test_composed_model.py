@@ -51,7 +51,8 @@ def test_families_compose_train_and_generate(model_folder, tokenizer, source, ta
 
 
 @pytest.mark.parametrize(
-    "source,target,head", [(*PAIRS[0], "new"), (*PAIRS[1], "new"), (*PAIRS[0], "source"), (*PAIRS[0], "source_mix")]
+    "source,target,head",
+    [(*PAIRS[0], "new"), (*PAIRS[1], "new"), (*PAIRS[0], "source"), (*PAIRS[0], "source_mix"), (*PAIRS[0], "source_pointer")],
 )
 def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target, head):
     ids = tokenizer("The quick brown fox jumps over the lazy dog again", return_tensors="pt").input_ids
@@ -89,9 +90,9 @@ def test_only_bridge_parameters_train_and_source_is_untouched(model_folder, toke
     assert not torch.equal(model.lm_head.weight, trained_before)
 
 
-@pytest.mark.parametrize("source,target", [PAIRS[0], PAIRS[3]])
-def test_cached_generation_equals_full_recomputation(model_folder, tokenizer, source, target):
-    model = compose(model_folder, source, target)
+@pytest.mark.parametrize("source,target,head", [(*PAIRS[0], "new"), (*PAIRS[3], "new"), (*PAIRS[0], "source_pointer")])
+def test_cached_generation_equals_full_recomputation(model_folder, tokenizer, source, target, head):
+    model = compose(model_folder, source, target, head=head)
     inputs = batch(tokenizer)
     settings = dict(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
     cached = model.generate(**inputs, use_cache=True, **settings)
@@ -138,7 +139,7 @@ def test_sampling_and_streaming(model_folder, tokenizer):
     assert streamed == tokenizer.decode(expected[0, single.input_ids.shape[1] :])
 
 
-@pytest.mark.parametrize("head", ["new", "source_mix"])
+@pytest.mark.parametrize("head", ["new", "source_mix", "source_pointer"])
 def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path, head):
     model = compose(model_folder, gate="tanh", head=head)
     with torch.no_grad():  # move the gates off zero so the round trip is not trivially equal

@@ -9,7 +9,7 @@ from .errors import LLMModulesError
 TOPOLOGIES = ("bridge",)
 TARGET_INITS = ("pretrained", "random")
 GATES = ("sigmoid", "tanh")
-HEADS = ("new", "source", "source_mix")
+HEADS = ("new", "source", "source_mix", "source_pointer")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

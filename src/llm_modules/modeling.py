@@ -52,6 +52,8 @@ from .masks import cross_attention_allowed, positions_from_padding
 WEIGHTS_NAME = "model.safetensors"
 # Families whose learned absolute position table is a hard length limit.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")
+MIX_FLOOR = 0.05  # head="source_mix": the gate stays in [0.05, 0.95]
+POINTER_DIM = 64  # head="source_pointer": query/key width of the pointer attention
 
 
 @dataclass
@@ -61,6 +63,9 @@ class ComposedCache:
     source: DynamicCache | None
     connector: ConnectorCache
     target: DynamicCache
+    # head="source_pointer": the past positions it may point at (target states [B, T, d_t], source states [B, T, d_s])
+    pointer_keys: torch.Tensor | None = None
+    pointer_states: torch.Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.connector.length()
@@ -70,6 +75,16 @@ class ComposedCache:
             if cache is not None:
                 cache.reorder_cache(beam_idx)
         self.connector.reorder(beam_idx)
+        if self.pointer_keys is not None:
+            self.pointer_keys = self.pointer_keys.index_select(0, beam_idx.to(self.pointer_keys.device))
+            self.pointer_states = self.pointer_states.index_select(0, beam_idx.to(self.pointer_states.device))
+
+    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' pointer keys/states; return all of them (past + new)."""
+        if self.pointer_keys is not None:
+            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
+        self.pointer_keys, self.pointer_states = keys, states
+        return keys, states
 
 
 def _hidden_size(config: PreTrainedConfig) -> int:
@@ -121,11 +136,16 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             self.head_projection = nn.Linear(d_target, d_source, bias=False)
         else:
             self.lm_head = nn.Linear(d_target, config.vocab_size, bias=False)
-        if config.head == "source_mix":
+        if config.head in ("source_mix", "source_pointer"):
             if config.source_layer != -1:
-                raise LLMModulesError("head='source_mix' reads the source's last layer; use source_layer=-1")
+                raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
             # Per-position probability of taking the source's own next-token distribution; starts at 0.5.
             self.mix_gate = nn.Linear(d_target, 1)
+        if config.head == "source_pointer":
+            # One causal attention head over past positions (queries and keys from the target's stream, which
+            # knows positions); it picks the source state whose next-token distribution is mixed in.
+            self.pointer_query = nn.Linear(d_target, POINTER_DIM, bias=False)
+            self.pointer_key = nn.Linear(d_target, POINTER_DIM, bias=False)
         self.post_init()
         # Attached after post_init so that HF weight initialisation never touches pretrained weights.
         self.target = target
@@ -353,7 +373,13 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         hidden = target_output.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self._head(hidden, source_states[:, -hidden.shape[1]:])
+        pointer = {}
+        if self.config.head == "source_pointer":
+            keys, states = target_output.last_hidden_state, source_states
+            if cache is not None:
+                keys, states = cache.extend_pointer(keys, states)
+            pointer = dict(pointer_keys=keys, pointer_states=states, pointer_valid=attention_mask)
+        logits = self._head(hidden, source_states[:, -hidden.shape[1]:], **pointer)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
@@ -364,13 +390,30 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=tuple(attention_maps) if output_attentions else None,
         )
 
-    def _head(self, hidden: torch.Tensor, source_states: torch.Tensor) -> torch.Tensor:
+    def _point(self, hidden: torch.Tensor, keys: torch.Tensor, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Pointer attention: hidden [B, t, d_t] (the last t of T positions), keys [B, T, d_t], states [B, T, d_s],
+        valid [B, T] (not padding) -> [B, t, d_s], a causal attention-weighted sum of source states."""
+        t, total = hidden.shape[1], keys.shape[1]
+        scores = self.pointer_query(hidden) @ self.pointer_key(keys).transpose(1, 2) / POINTER_DIM**0.5  # [B, t, T]
+        rows = torch.arange(total - t, total, device=hidden.device)[:, None]
+        columns = torch.arange(total, device=hidden.device)[None, :]
+        # causal and not padding; a padding query keeps its own position, so that its row is not all -inf (NaN)
+        allowed = ((columns <= rows)[None] & valid[:, None, :].bool()) | (columns == rows)[None]
+        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1)
+        return weights.to(states.dtype) @ states
+
+    def _head(self, hidden: torch.Tensor, source_states: torch.Tensor, pointer_keys: torch.Tensor | None = None,
+              pointer_states: torch.Tensor | None = None, pointer_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits over the source vocabulary: hidden [B, T, d_t], source_states [B, T, d_s] -> [B, T, V].
 
         new:        a fresh linear head (the release).
         source:     a learned d_t -> d_s projection into the source's frozen output head.
-        source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position: the
+        source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position (kept off 0 and 1): the
                     source's own next-token distribution mixed in, so every word it knows stays reachable.
+        source_pointer: as source_mix, but p_source is the source's head on an attention-weighted sum of the
+                    source states at positions <= i (one causal pointer head, queries/keys from the target's
+                    stream): the model can repeat what the source predicted earlier, e.g. copy the fact its
+                    reasoning recalled into the answer, for words that never occurred in the transfer data.
         """
         hidden = hidden.to(self.connector.pre_proj.weight.dtype)
         if self.config.head == "new":
@@ -378,8 +421,13 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         if self.config.head == "source":
             return self._source_head(self.head_projection(hidden))
         new_logp = self.lm_head(hidden).float().log_softmax(-1)
+        if self.config.head == "source_pointer":
+            source_states = self._point(hidden, pointer_keys, pointer_states, pointer_valid)
         source_logp = self._source_head(source_states).log_softmax(-1)
-        gate = torch.sigmoid(self.mix_gate(hidden).float())  # [B, T, 1]
+        # Kept inside [MIX_FLOOR, 1 - MIX_FLOOR]: a gate that saturates at 1 where the source is usually right
+        # cuts the new head's gradient at the positions where the source is wrong (measured in the fact
+        # world: the trace's format tokens after the thought never got learned).
+        gate = MIX_FLOOR + (1 - 2 * MIX_FLOOR) * torch.sigmoid(self.mix_gate(hidden).float())  # [B, T, 1]
         return torch.logaddexp(torch.log(gate) + source_logp, torch.log1p(-gate) + new_logp)
 
     def _source_head(self, states: torch.Tensor) -> torch.Tensor:  # [B, T, d_s] -> [B, T, V] fp32

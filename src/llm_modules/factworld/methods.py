@@ -7,7 +7,7 @@ scores it on test facts with ``metrics.evaluate_traces``.
 
 Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_alone``, ``source_head``,
 ``source_finetuned``, ``distill_kd`` and ``llm_modules_bridge_{leaky|causal}_{random|pretrained}``
-(the suffix is the target's initialisation), plus ``_head_{source|source_mix}`` / ``_tanh`` /
+(the suffix is the target's initialisation), plus ``_head_{source|source_mix|source_pointer}`` / ``_tanh`` /
 ``_layers{n}`` for the bridge variants the harness can vary.
 """
 
@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..errors import LLMModulesError
 from ..modeling import LLMModulesForCausalLM
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
-from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall, teacher_forced
+from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import QUESTION_FORMS, FactWorld
 
 KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge")
@@ -84,6 +84,7 @@ def default_methods() -> list[MethodSpec]:
         bridge_spec(leaky=False, target_init="pretrained"),
         bridge_spec(leaky=False, target_init="pretrained", head="source"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_mix"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source_pointer"),
     ]
 
 
@@ -279,16 +280,17 @@ def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> lis
 
 def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, progress: bool = True,
                evaluate_test: bool = True) -> MethodRun:
-    """Build, train (early stopping on validation-fact answer accuracy, teacher-forced) and score."""
+    """Build, train (early stopping on greedy answer accuracy over validation facts) and score."""
     start = time.perf_counter()
     model = build_model(spec, bench, seed)
     tokenizer, pad = bench.tokenizer, bench.tokenizer.pad_token_id
     validation = bench.world.validation[: budget.validation_facts]
-    validation_examples = [encode_trace(tokenizer, f) for f in validation]
 
     def validation_accuracy() -> float:
+        """Greedy answer accuracy on validation facts: the test metric, so that early stopping cannot keep
+        a checkpoint that recalls the fact in its thought but has not yet learned to answer."""
         model.eval()
-        score = sum(teacher_forced(model, validation_examples, pad)) / max(1, len(validation_examples))
+        score = evaluate_traces(model, tokenizer, bench.world, validation, leak_probe=False).accuracy
         model.train()
         return score
 
@@ -308,7 +310,7 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
             description=f"{spec.name} (seed {seed})", progress=progress,
         )
     model.eval()
-    best_validation = validation_accuracy() if validation_examples else float("nan")
+    best_validation = validation_accuracy() if validation else float("nan")
     model.eval()
     scores = evaluate_traces(model, tokenizer, bench.world, bench.world.test, generate=evaluate_test, seed=seed)
     if spec.kind == "source_alone":

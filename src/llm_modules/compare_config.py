@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .errors import LLMModulesError
 from .factworld.methods import Budget, MethodSpec, default_methods, method_from_mapping
-from .train_config import _convert
+from .train_config import _convert, read_yaml_mapping
 
 
 @dataclass
@@ -111,14 +110,7 @@ def config_from_mapping(values: dict, where: str = "compare config") -> CompareC
 
 
 def load_compare_config(path: str | Path) -> CompareConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise LLMModulesError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise LLMModulesError(f"{path} is not valid YAML: {error}") from error
-    return config_from_mapping(values, where=str(path))
+    return config_from_mapping(read_yaml_mapping(path), where=str(path))
 
 
 def demo_config(output: str = "runs/demo") -> CompareConfig:

@@ -63,7 +63,7 @@ class ComposedCache:
     source: DynamicCache | None
     connector: ConnectorCache
     target: DynamicCache
-    # head="source_pointer": the past positions it may point at (target states [B, T, d_t], source states [B, T, d_s])
+    # head="source_pointer": the past positions it may point at (projected keys [B, T, k], source states [B, T, d_s])
     pointer_keys: torch.Tensor | None = None
     pointer_states: torch.Tensor | None = None
 
@@ -375,7 +375,9 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         pointer = {}
         if self.config.head == "source_pointer":
-            keys, states = target_output.last_hidden_state, source_states
+            # keys are projected once per position and cached projected: a decode step projects only its own
+            keys = self.pointer_key(target_output.last_hidden_state.to(self.pointer_key.weight.dtype))
+            states = source_states
             if cache is not None:
                 keys, states = cache.extend_pointer(keys, states)
             pointer = dict(pointer_keys=keys, pointer_states=states, pointer_valid=attention_mask)
@@ -391,10 +393,10 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def _point(self, hidden: torch.Tensor, keys: torch.Tensor, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Pointer attention: hidden [B, t, d_t] (the last t of T positions), keys [B, T, d_t], states [B, T, d_s],
-        valid [B, T] (not padding) -> [B, t, d_s], a causal attention-weighted sum of source states."""
+        """Pointer attention: hidden [B, t, d_t] (the last t of T positions), projected keys [B, T, POINTER_DIM],
+        states [B, T, d_s], valid [B, T] (not padding) -> [B, t, d_s], a causal attention-weighted sum of source states."""
         t, total = hidden.shape[1], keys.shape[1]
-        scores = self.pointer_query(hidden) @ self.pointer_key(keys).transpose(1, 2) / POINTER_DIM**0.5  # [B, t, T]
+        scores = self.pointer_query(hidden) @ keys.transpose(1, 2) / POINTER_DIM**0.5  # [B, t, T]
         rows = torch.arange(total - t, total, device=hidden.device)[:, None]
         columns = torch.arange(total, device=hidden.device)[None, :]
         # causal and not padding; a padding query keeps its own position, so that its row is not all -inf (NaN)

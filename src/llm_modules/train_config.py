@@ -174,8 +174,8 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
     return TrainConfig(**{**asdict(base or TrainConfig()), **from_aliases, **updates})
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """A TrainConfig from a YAML file (unknown keys are errors naming the file)."""
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The option: value mapping of a YAML config file, or an error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise LLMModulesError(f"config file {path} does not exist")
@@ -185,7 +185,12 @@ def load_config(path: str | Path) -> TrainConfig:
         raise LLMModulesError(f"{path} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
         raise LLMModulesError(f"{path} must hold a mapping of option: value")
-    return config_from_mapping(values, where=f"{path}: ")
+    return values
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a YAML file (unknown keys are errors naming the file)."""
+    return config_from_mapping(read_yaml_mapping(path), where=f"{path}: ")
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:

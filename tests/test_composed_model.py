@@ -139,6 +139,14 @@ def test_sampling_and_streaming(model_folder, tokenizer):
     assert streamed == tokenizer.decode(expected[0, single.input_ids.shape[1] :])
 
 
+@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
+def test_mixture_heads_return_normalised_log_probabilities(model_folder, tokenizer, head):
+    model = compose(model_folder, head=head)
+    with torch.no_grad():
+        logits = model(**batch(tokenizer)).logits
+    torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(logits.shape[:-1]), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("head", ["new", "source_mix", "source_pointer"])
 def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path, head):
     model = compose(model_folder, gate="tanh", head=head)

@@ -14,7 +14,7 @@ from llm_modules.compare_config import config_from_mapping, load_compare_config
 from llm_modules.errors import LLMModulesError
 from llm_modules.factworld.lm import build_world_tokenizer, encode_trace, logits_of
 from llm_modules.factworld.methods import Workbench, bridge_spec, build_model, method_from_mapping
-from llm_modules.factworld.metrics import parse_answer, source_recall, teacher_forced
+from llm_modules.factworld.metrics import leak_probe, parse_answer, source_recall, teacher_forced
 from llm_modules.factworld.models import pretrain_source, pretrain_target
 from llm_modules.factworld.world import FactWorld, build_world, fact_sentence, trace_record
 
@@ -95,11 +95,13 @@ def test_leak_probe_collapses_for_a_leaky_model_and_equals_teacher_forcing_for_c
 
     peek = PeekNextToken(vocab)
     assert all(teacher_forced(peek, examples, pad))
-    assert sum(teacher_forced(peek, examples, pad, scramble=True, vocab_size=vocab)) <= 0.1 * len(examples)
+    peek_right, peek_shift = leak_probe(peek, examples, pad, vocab)
+    assert sum(peek_right) <= 0.1 * len(examples) and min(peek_shift) > 0.5  # one-hot logits: a shift of 1
 
     for model in (bench.source, build_model(bridge_spec(leaky=False, target_init="pretrained"), bench, seed=0)):
         plain = teacher_forced(model, examples, pad)
-        assert teacher_forced(model, examples, pad, scramble=True, vocab_size=vocab) == plain
+        right, shift = leak_probe(model, examples, pad, vocab)
+        assert right == plain and max(shift) < 1e-4
 
     # the composed model with the released padding-only mask reads future source states: scrambling moves logits
     leaky = build_model(bridge_spec(leaky=True, target_init="pretrained"), bench, seed=0)

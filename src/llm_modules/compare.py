@@ -61,7 +61,8 @@ def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench
     recall = recall_report(bench)
     log(f"source pretrained in {source_seconds:.0f}s ({source_run.steps_run} steps): recall at the trace answer point "
         f"{recall['test_trace']:.0%} of test facts, in its own format {recall['test_own']:.0%}")
-    log(f"target pretrained in {target_seconds:.0f}s on {len(world.background)} background facts (none of the world's)")
+    log(f"target pretrained in {target_seconds:.0f}s on {t.steps * t.batch_size} traces and sentences about "
+        f"{len({f.entity for f in world.background})} other entities, values drawn afresh each time (none of the world's facts)")
     pretraining = {
         "source": {"seconds": source_seconds, "steps": source_run.steps_run, "recall": recall,
                    "params": sum(p.numel() for p in source.parameters()), "loss_curve": source_run.losses[::10]},
@@ -89,8 +90,8 @@ def run_all(config: CompareConfig, bench: Workbench, progress: bool = True) -> l
             runs.append(run)
             s = run.scores
             log(f"[{len(runs)}/{total}] {spec.name} seed {seed}: test {s.accuracy:.0%} (seen {s.accuracy_seen:.0%}, "
-                f"unseen {s.accuracy_unseen:.0%}), teacher-forced {s.teacher_forced:.0%}, leak probe {s.leak_probe:.0%}, "
-                f"format {s.format_adherence:.0%}, {run.seconds:.0f}s")
+                f"unseen {s.accuracy_unseen:.0%}), teacher-forced {s.teacher_forced:.0%}, leak probe {s.leak_probe:.0%} "
+                f"(largest log p change {s.leak_shift:.2g}), format {s.format_adherence:.0%}, {run.seconds:.0f}s")
     return runs
 
 

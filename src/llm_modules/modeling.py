@@ -52,8 +52,17 @@ from .masks import cross_attention_allowed, positions_from_padding
 WEIGHTS_NAME = "model.safetensors"
 # Families whose learned absolute position table is a hard length limit.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")
-MIX_FLOOR = 0.05  # head="source_mix": the gate stays in [0.05, 0.95]
+MIX_FLOOR = 0.05  # head="source_mix"/"source_pointer": every path of the mixture keeps at least this weight
 POINTER_DIM = 64  # head="source_pointer": query/key width of the pointer attention
+
+
+@dataclass
+class ComposedCausalLMOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``head_logits`` [B, T, V]: with a mixture head (source_mix, source_pointer)
+    in training mode, the new head's own logits. Training adds their cross-entropy to the mixture's, so that the
+    new head learns every token whatever the gate does (``loss`` already includes it when ``labels`` are given)."""
+
+    head_logits: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -139,13 +148,18 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         if config.head in ("source_mix", "source_pointer"):
             if config.source_layer != -1:
                 raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
-            # Per-position probability of taking the source's own next-token distribution; starts at 0.5.
-            self.mix_gate = nn.Linear(d_target, 1)
+            # Per-position weights of the mixture's paths (source_mix: [source here, new head], one logit, starts
+            # at 0.5; source_pointer: [source here, source at the pointed position, new head], softmax of 3).
+            self.mix_gate = nn.Linear(d_target, 1 if config.head == "source_mix" else 3)
         if config.head == "source_pointer":
-            # One causal attention head over past positions (queries and keys from the target's stream, which
-            # knows positions); it picks the source state whose next-token distribution is mixed in.
+            # One causal attention head over past positions; it picks the source state whose next-token
+            # distribution is mixed in. Queries come from the target's stream (which knows where in the format it
+            # is); keys from both streams: the source's state says "a fact's value comes next" whatever the
+            # entity's name, where the target's alone let the pointer land a few tokens off on names of another
+            # length (measured in the fact world: it pointed at "that" instead of "is" and answered the name).
             self.pointer_query = nn.Linear(d_target, POINTER_DIM, bias=False)
             self.pointer_key = nn.Linear(d_target, POINTER_DIM, bias=False)
+            self.pointer_key_source = nn.Linear(d_source, POINTER_DIM, bias=False)
         self.post_init()
         # Attached after post_init so that HF weight initialisation never touches pretrained weights.
         self.target = target
@@ -376,18 +390,23 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         pointer = {}
         if self.config.head == "source_pointer":
             # keys are projected once per position and cached projected: a decode step projects only its own
-            keys = self.pointer_key(target_output.last_hidden_state.to(self.pointer_key.weight.dtype))
+            dtype = self.pointer_key.weight.dtype
+            keys = self.pointer_key(target_output.last_hidden_state.to(dtype)) + self.pointer_key_source(
+                source_states[:, -target_output.last_hidden_state.shape[1]:].to(dtype))
             states = source_states
             if cache is not None:
                 keys, states = cache.extend_pointer(keys, states)
             pointer = dict(pointer_keys=keys, pointer_states=states, pointer_valid=attention_mask)
-        logits = self._head(hidden, source_states[:, -hidden.shape[1]:], **pointer)
+        logits, head_logits = self._head(hidden, source_states[:, -hidden.shape[1]:], **pointer)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-        return CausalLMOutputWithPast(
+            if head_logits is not None:
+                loss = loss + causal_lm_loss(head_logits, labels)
+        return ComposedCausalLMOutput(
             loss=loss,
             logits=logits,
+            head_logits=head_logits if self.training else None,
             cache=cache if use_cache else None,
             attentions=tuple(attention_maps) if output_attentions else None,
         )
@@ -405,32 +424,50 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         return weights.to(states.dtype) @ states
 
     def _head(self, hidden: torch.Tensor, source_states: torch.Tensor, pointer_keys: torch.Tensor | None = None,
-              pointer_states: torch.Tensor | None = None, pointer_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits over the source vocabulary: hidden [B, T, d_t], source_states [B, T, d_s] -> [B, T, V].
+              pointer_states: torch.Tensor | None = None, pointer_valid: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-token logits over the source vocabulary: hidden [B, T, d_t], source_states [B, T, d_s] -> ([B, T, V],
+        the new head's own logits [B, T, V] for a mixture head, else None).
 
         new:        a fresh linear head (the release).
         source:     a learned d_t -> d_s projection into the source's frozen output head.
         source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position (kept off 0 and 1): the
                     source's own next-token distribution mixed in, so every word it knows stays reachable.
-        source_pointer: as source_mix, but p_source is the source's head on an attention-weighted sum of the
-                    source states at positions <= i (one causal pointer head, queries/keys from the target's
-                    stream): the model can repeat what the source predicted earlier, e.g. copy the fact its
-                    reasoning recalled into the answer, for words that never occurred in the transfer data.
+        source_pointer: log(g_here * p_source(here) + g_pointed * p_source(pointed) + g_new * p_new), g = softmax
+                    over three paths per position (each kept >= MIX_FLOOR). p_source(pointed) is the source's head on
+                    an attention-weighted sum of the source states at positions <= i (one causal pointer head,
+                    queries/keys from the target's stream): the model can repeat what the source predicted earlier,
+                    e.g. copy the fact its reasoning recalled into the answer, for words that never occurred in the
+                    transfer data. The "here" path is source_mix's; kept separate because a pointer that has to
+                    learn to stay on its own position fails on word pieces it never saw (measured in the fact
+                    world: unseen multi-token words came out stuttered, "nnickel").
         """
         hidden = hidden.to(self.connector.pre_proj.weight.dtype)
         if self.config.head == "new":
-            return self.lm_head(hidden)
+            return self.lm_head(hidden), None
         if self.config.head == "source":
-            return self._source_head(self.head_projection(hidden))
-        new_logp = self.lm_head(hidden).float().log_softmax(-1)
+            return self._source_head(self.head_projection(hidden)), None
+        paths = [self._source_head(source_states).log_softmax(-1)]  # each [B, T, V]
         if self.config.head == "source_pointer":
-            source_states = self._point(hidden, pointer_keys, pointer_states, pointer_valid)
-        source_logp = self._source_head(source_states).log_softmax(-1)
-        # Kept inside [MIX_FLOOR, 1 - MIX_FLOOR]: a gate that saturates at 1 where the source is usually right
-        # cuts the new head's gradient at the positions where the source is wrong (measured in the fact
-        # world: the trace's format tokens after the thought never got learned).
-        gate = MIX_FLOOR + (1 - 2 * MIX_FLOOR) * torch.sigmoid(self.mix_gate(hidden).float())  # [B, T, 1]
-        return torch.logaddexp(torch.log(gate) + source_logp, torch.log1p(-gate) + new_logp)
+            pointed = self._point(hidden, pointer_keys, pointer_states, pointer_valid)
+            paths.append(self._source_head(pointed).log_softmax(-1))
+        new_logits = self.lm_head(hidden).float()
+        paths.append(new_logits.log_softmax(-1))
+        # Every weight kept >= MIX_FLOOR: a gate that saturates where the source is usually right cuts the new
+        # head's gradient at the positions where the source is wrong (measured in the fact world: the trace's
+        # format tokens after the thought never got learned). The floor alone was not enough with three paths:
+        # the gate kept choosing the source where the barely trained new head was worse (the training loss
+        # stalled at 0.28, -log 0.5 on format tokens), so training also adds the new head's own cross-entropy
+        # (forward returns head_logits for that; see ComposedCausalLMOutput).
+        logits = self.mix_gate(hidden).float()
+        if len(paths) == 2:
+            weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
+        else:
+            weights = logits.softmax(-1)  # [B, T, 3]
+        weights = MIX_FLOOR + (1 - len(paths) * MIX_FLOOR) * weights
+        log_weights = torch.log(weights)  # [B, T, paths]
+        mixed = torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
+        return mixed, new_logits
 
     def _source_head(self, states: torch.Tensor) -> torch.Tensor:  # [B, T, d_s] -> [B, T, V] fp32
         if self.source is None:

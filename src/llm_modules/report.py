@@ -27,11 +27,13 @@ PER_SEED = {
     "test_accuracy_seen": lambda r: r.scores.accuracy_seen,
     "test_accuracy_unseen": lambda r: r.scores.accuracy_unseen,
     "leak_probe_accuracy": lambda r: r.scores.leak_probe,
+    "leak_logprob_shift": lambda r: r.scores.leak_shift,
     "teacher_forced_accuracy": lambda r: r.scores.teacher_forced,
     "format_adherence": lambda r: r.scores.format_adherence,
     "validation_accuracy": lambda r: r.validation_accuracy,
     "steps": lambda r: r.train.steps_run if r.train else 0,
     "best_step": lambda r: r.train.best_step if r.train else 0,
+    "final_training_loss": lambda r: r.train.losses[-1] if r.train and r.train.losses else None,
 }
 
 
@@ -83,6 +85,11 @@ def _mean_spread(values: Sequence[float | None]) -> str:
     return f"{mean:.0%} ± {statistics.stdev(values):.0%}"
 
 
+def _largest(values: Sequence[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    return f"{max(values):.2g}" if values else "n/a"
+
+
 def _params(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}k"
 
@@ -91,14 +98,16 @@ def markdown_table(results: dict) -> str:
     """One row per method: accuracies on test facts (mean ± std over seeds) and costs."""
     seeds = max(len(m["seeds"]) for m in results["methods"].values())
     lines = [
-        f"| method | test acc | answer seen | answer unseen | teacher-forced | leak probe | format | trainable | inference | s/seed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | test acc | answer seen | answer unseen | teacher-forced | leak probe | leak Δlog p | format | "
+        "trainable | inference | s/seed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in results["methods"].items():
         lines.append(
             f"| {name} | {_mean_spread(m['test_accuracy'])} | {_mean_spread(m['test_accuracy_seen'])} | "
             f"{_mean_spread(m['test_accuracy_unseen'])} | {_mean_spread(m['teacher_forced_accuracy'])} | "
-            f"{_mean_spread(m['leak_probe_accuracy'])} | {_mean_spread(m['format_adherence'])} | "
+            f"{_mean_spread(m['leak_probe_accuracy'])} | {_largest(m.get('leak_logprob_shift', []))} | "
+            f"{_mean_spread(m['format_adherence'])} | "
             f"{_params(m['trainable_params'])} | {_params(m['inference_params'])} | {m['seconds']:.0f} |"
         )
     lines.append("")
@@ -142,7 +151,7 @@ def write_report(results: dict, runs: Sequence[MethodRun], bench: Workbench, out
         "",
         f"Every trained method: {settings['budget']['steps']} steps of batch {settings['budget']['batch_size']} on the "
         f"transfer traces (every question form of each transfer fact), early stopping on validation facts' "
-        f"teacher-forced answer accuracy (every {settings['budget']['eval_every']} steps, patience "
+        f"greedy answer accuracy (every {settings['budget']['eval_every']} steps, patience "
         f"{settings['budget']['patience']}).",
         "",
         "## Test facts (never in transfer data)",
@@ -153,7 +162,10 @@ def write_report(results: dict, runs: Sequence[MethodRun], bench: Workbench, out
         "*answer seen/unseen*: whether that value word occurs anywhere in the transfer data.",
         "- **teacher-forced**: the answer tokens inside the reasoning are the argmax given the gold prefix.",
         "- **leak probe**: the same, after replacing the answer token and everything after it with random "
-        "tokens: equal to teacher-forced for a causal model, collapsing for one that reads the future.",
+        "tokens: equal to teacher-forced for a causal model, collapsing for one that relies on the future. "
+        "*leak Δlog p*: the largest change of an answer-position log-probability that this scrambling caused "
+        "(largest over seeds): exactly 0 for a causal model; above 0, the model reads later positions, whether or "
+        "not its accuracy depends on them.",
         "- `source_alone` answers in its own sentence form; its teacher-forced column is its recall at the "
         "traces' answer point.",
         "",

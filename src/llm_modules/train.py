@@ -115,9 +115,14 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     (the Trainer's count over all micro-batches of one optimizer step) every token weighs the
     same whatever the accumulation; without it (evaluation) it is the plain mean.
     """
-    logits = outputs["logits"][:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    targets = labels[:, 1:].to(outputs["logits"].device)
+    total = 0
+    # a mixture head also returns its new head's own logits in training: their cross-entropy is added (modeling.py)
+    for key in ("logits", "head_logits"):
+        if outputs.get(key) is not None:
+            logits = outputs[key][:, :-1].float()
+            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            ignore_index=-100, reduction="sum")
     if num_items_in_batch is None:
         return total / (targets != -100).sum().clamp(min=1)
     return total / torch.as_tensor(num_items_in_batch, device=total.device)

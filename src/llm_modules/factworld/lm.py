@@ -40,8 +40,14 @@ from .world import (
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def build_world_tokenizer(world: FactWorld, vocab_size: int = 640) -> PreTrainedTokenizerBase:
-    """One byte-level BPE tokenizer for the whole world (source and target share it)."""
+def build_world_tokenizer(world: FactWorld, vocab_size: int = 1024) -> PreTrainedTokenizerBase:
+    """One byte-level BPE tokenizer for the whole world (source and target share it).
+
+    The world's corpus is small: about 850 merges already make every word one token, as a real tokenizer's
+    vocabulary does for common words (" rose", " nickel"). With 640, 24 of the 64 value words split into 2-5
+    byte pieces (" rose" -> "Ġ r o s e"), and copying an unseen value became a chain of 5 pointer steps
+    (measured on the demo world: 51% of unseen-answer facts right against 100% with 1024).
+    """
     return build_tokenizer(world.corpus(), vocab_size=vocab_size, extra_special_tokens=TRACE_MARKERS)
 
 
@@ -116,16 +122,6 @@ def encode_recall(tokenizer: PreTrainedTokenizerBase, fact: Fact) -> Example:
     ids = prompt_ids + value_ids
     return Example(ids, [-100] * len(prompt_ids) + value_ids, len(prompt_ids),
                    list(range(len(prompt_ids), len(ids))), fact)
-
-
-def target_pretraining_texts(world: FactWorld) -> list[str]:
-    """Texts teaching the target the world's language and trace format with none of its facts:
-    traces and sentences about the background entities only."""
-    texts = []
-    for fact in world.background:
-        for form in range(3):
-            texts.append(f"{question(fact, form)} {assistant_text(fact)}")
-    return texts
 
 
 def collate(examples: Sequence[Example], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:

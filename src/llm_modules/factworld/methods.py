@@ -234,7 +234,10 @@ def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[
         tensors = collate(batch, bench.tokenizer.pad_token_id)
         output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                        source_states=bench.source_states(batch))
-        return lm_loss(output.logits, tensors["labels"])
+        loss = lm_loss(output.logits, tensors["labels"])
+        if output.head_logits is not None:  # a mixture head: its new head's own cross-entropy too (modeling.py)
+            loss = loss + lm_loss(output.head_logits, tensors["labels"])
+        return loss
 
     return loss_fn
 
@@ -290,7 +293,7 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
         """Greedy answer accuracy on validation facts: the test metric, so that early stopping cannot keep
         a checkpoint that recalls the fact in its thought but has not yet learned to answer."""
         model.eval()
-        score = evaluate_traces(model, tokenizer, bench.world, validation, leak_probe=False).accuracy
+        score = evaluate_traces(model, tokenizer, bench.world, validation, probe_leak=False).accuracy
         model.train()
         return score
 

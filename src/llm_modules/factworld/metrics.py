@@ -34,51 +34,62 @@ def format_ok(text: str) -> bool:
 
 
 @torch.no_grad()
-def teacher_forced(
-    model: nn.Module,
-    examples: Sequence[Example],
-    pad_id: int,
-    scramble: bool = False,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> list[bool]:
-    """Per example: are all answer tokens the argmax given the gold prefix?
-
-    scramble=True is the leak probe: for answer token k, every token from k on (k itself and all later
-    tokens) is replaced by a random token before predicting k. A causal model scores exactly the
-    unscrambled number; a model that reads later positions collapses.
-    """
+def teacher_forced(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64) -> list[bool]:
+    """Per example: are all answer tokens the argmax given the gold prefix?"""
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
     results: list[bool] = []
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start: start + batch_size])
         batch = collate(chunk, pad_id)
-        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
-        correct = torch.ones(len(chunk), dtype=torch.bool)
-        depth = max(len(e.answer) for e in chunk)
-        if not scramble:
-            predicted = logits_of(model, ids, mask).argmax(-1)  # [B, T]
-            for row, e in enumerate(chunk):
-                correct[row] = all(int(predicted[row, k - 1]) == e.input_ids[k] for k in e.answer)
-        else:
-            if vocab_size is None:
-                raise ValueError("the leak probe needs vocab_size (random replacement tokens)")
-            for j in range(depth):
-                scrambled = ids.clone()
-                for row, e in enumerate(chunk):
-                    if j < len(e.answer):
-                        k = e.answer[j]
-                        n = len(e.input_ids) - k
-                        scrambled[row, k: k + n] = torch.randint(0, vocab_size, (n,), generator=generator)
-                predicted = logits_of(model, scrambled, mask).argmax(-1)
-                for row, e in enumerate(chunk):
-                    if j < len(e.answer):
-                        k = e.answer[j]
-                        correct[row] &= int(predicted[row, k - 1]) == e.input_ids[k]
-        results.extend(bool(c) for c in correct)
+        predicted = logits_of(model, batch["input_ids"], batch["attention_mask"]).argmax(-1)  # [B, T]
+        for row, e in enumerate(chunk):
+            results.append(all(int(predicted[row, k - 1]) == e.input_ids[k] for k in e.answer))
     return results
+
+
+@torch.no_grad()
+def leak_probe(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    vocab_size: int,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> tuple[list[bool], list[float]]:
+    """The leak probe. For answer token k, every token from k on (k itself and all later ones) is replaced by a
+    random token before predicting k. Per example: (are all answer tokens still the argmax, the largest change
+    of an answer-position log-probability that the scrambling caused).
+
+    A causal model scores exactly its teacher-forced accuracy with a change of 0; a model that reads later
+    positions moves (the change) and collapses where it relied on them (the accuracy).
+    """
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    correct: list[bool] = []
+    shifts: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start: start + batch_size])
+        batch = collate(chunk, pad_id)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
+        plain = logits_of(model, ids, mask).float().log_softmax(-1)  # [B, T, V]
+        right = torch.ones(len(chunk), dtype=torch.bool)
+        shift = torch.zeros(len(chunk))
+        for j in range(max(len(e.answer) for e in chunk)):
+            scrambled = ids.clone()
+            for row, e in enumerate(chunk):
+                if j < len(e.answer):
+                    k = e.answer[j]
+                    n = len(e.input_ids) - k
+                    scrambled[row, k: k + n] = torch.randint(0, vocab_size, (n,), generator=generator)
+            logp = logits_of(model, scrambled, mask).float().log_softmax(-1)
+            for row, e in enumerate(chunk):
+                if j < len(e.answer):
+                    k = e.answer[j]
+                    right[row] &= int(logp[row, k - 1].argmax()) == e.input_ids[k]
+                    shift[row] = max(float(shift[row]), float((logp[row, k - 1] - plain[row, k - 1]).abs().max()))
+        correct.extend(bool(c) for c in right)
+        shifts.extend(float(x) for x in shift)
+    return correct, shifts
 
 
 @torch.no_grad()
@@ -133,6 +144,7 @@ class TraceScores:
     format_adherence: float
     teacher_forced: float
     leak_probe: float
+    leak_shift: float  # the largest change of an answer log-probability when the future is scrambled
     n_seen: int
     n_unseen: int
     outputs: list[dict] = field(default_factory=list)
@@ -151,7 +163,7 @@ def evaluate_traces(
     world: FactWorld,
     facts: Sequence[Fact],
     generate: bool = True,
-    leak_probe: bool = True,
+    probe_leak: bool = True,
     max_new_tokens: int = 28,
     seed: int = 0,
 ) -> TraceScores:
@@ -160,7 +172,7 @@ def evaluate_traces(
     examples = [encode_trace(tokenizer, f) for f in facts]
     pad = tokenizer.pad_token_id
     forced = teacher_forced(model, examples, pad)
-    probe = teacher_forced(model, examples, pad, scramble=True, vocab_size=len(tokenizer), seed=seed) if leak_probe else []
+    probe, shifts = leak_probe(model, examples, pad, len(tokenizer), seed=seed) if probe_leak else ([], [])
     seen = [world.answer_seen(f) for f in facts]
     right: list[bool] = []
     formats: list[bool] = []
@@ -183,6 +195,7 @@ def evaluate_traces(
         format_adherence=_mean(formats),
         teacher_forced=_mean(forced),
         leak_probe=_mean(probe),
+        leak_shift=max(shifts, default=float("nan")),
         n_seen=sum(seen),
         n_unseen=len(seen) - sum(seen),
         outputs=outputs,

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from ..tiny import save_tiny, tiny_config
 from .lm import Example, TrainResult, check_tokenizer_roundtrip, collate, encode_text, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import source_recall
-from .world import Fact, FactWorld, fact_sentence, source_documents
+from .world import Fact, FactWorld, background_traces, fact_sentence, source_documents
 
 FACTS_PER_DOCUMENT = 4  # mentions per source pretraining document
 
@@ -95,14 +95,16 @@ def pretrain_target(
     progress: bool = True,
 ) -> tuple[PreTrainedModel, TrainResult]:
     """A GPT-Neo target trained from scratch on traces and sentences about the *background* entities
-    only: it learns the trace format and the world's language, none of the world's facts."""
+    only, with values drawn afresh for every example (``background_traces``): it learns the trace
+    format and the world's language, none of the world's facts. No example is seen twice."""
     model = _new_model("gpt_neo", tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
     examples = []
-    for fact in world.background:
-        for form in range(3):
-            traced = encode_trace(tokenizer, fact, form)
+    for i, fact in enumerate(background_traces(world, steps * batch_size, seed=seed)):
+        if i % 4 == 3:
+            examples.append(encode_text(tokenizer, fact_sentence(fact)))
+        else:
+            traced = encode_trace(tokenizer, fact, i % 3)
             examples.append(Example(traced.input_ids, list(traced.input_ids)))  # all tokens: learn the format
-        examples.append(encode_text(tokenizer, fact_sentence(fact)))
     model.train()
     result = train_loop(
         model.parameters(), causal_lm_loss_fn(model, tokenizer.pad_token_id), examples, steps,

@@ -265,6 +265,26 @@ def check_splits(world: FactWorld) -> None:
         raise AssertionError(f"entities without a transfer fact: {sorted(missing)[:5]}")
 
 
+def background_traces(world: FactWorld, count: int, seed: int = 0) -> list[Fact]:
+    """``count`` made-up facts about the background entities, each value drawn afresh from its pool.
+
+    The target's pretraining material: the world's language and trace format, none of the world's facts
+    (its entities are disjoint), and no background fact to memorise either, since a background entity's
+    value changes from trace to trace. What the target can learn is the format itself, including that the
+    answer repeats the value its reasoning recalled. Pretrained on the fixed background facts instead, it
+    memorised them and never learned that copy (measured: given a gold thought with another value, it
+    answered its memorised value; 1% right on words seen in transfer data).
+    """
+    rng = random.Random(seed)
+    entities = sorted({f.entity for f in world.background})
+    return [
+        Fact(entity, relation, rng.choice(pool))
+        for entity, relation, pool in (
+            (rng.choice(entities), *rng.choice(list(world.relations.items()))) for _ in range(count)
+        )
+    ]
+
+
 def source_documents(world: FactWorld, repeats: int = 6, facts_per_document: int = 4, seed: int = 0) -> list[str]:
     """The source's pretraining corpus: every fact ``repeats`` times, each in a random context and cue form.
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
 from llm_modules.masks import cross_attention_allowed, token_end_offsets
+from llm_modules.modeling import causal_lm_loss
 
 SMALL = dict(heads=4, adapter_dim=16)
 PAIRS = [
@@ -145,6 +146,17 @@ def test_mixture_heads_return_normalised_log_probabilities(model_folder, tokeniz
     with torch.no_grad():
         logits = model(**batch(tokenizer)).logits
     torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(logits.shape[:-1]), rtol=0, atol=1e-4)
+
+
+def test_a_mixture_head_trains_its_new_head_on_its_own_cross_entropy_too(model_folder, tokenizer):
+    model = compose(model_folder, head="source_pointer").train()
+    inputs = batch(tokenizer)
+    labels = inputs.input_ids.masked_fill(inputs.attention_mask == 0, -100)
+    output = model(**inputs, labels=labels)
+    assert output.head_logits is not None
+    expected = causal_lm_loss(output.logits, labels) + causal_lm_loss(output.head_logits, labels)
+    torch.testing.assert_close(output.loss, expected)
+    assert model.eval()(**inputs).head_logits is None  # inference returns only the mixture
 
 
 @pytest.mark.parametrize("head", ["new", "source_mix", "source_pointer"])

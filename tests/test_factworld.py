@@ -16,7 +16,7 @@ from llm_modules.factworld.lm import build_world_tokenizer, encode_trace, logits
 from llm_modules.factworld.methods import Workbench, bridge_spec, build_model, method_from_mapping
 from llm_modules.factworld.metrics import leak_probe, parse_answer, source_recall, teacher_forced
 from llm_modules.factworld.models import pretrain_source, pretrain_target
-from llm_modules.factworld.world import FactWorld, build_world, fact_sentence, trace_record
+from llm_modules.factworld.world import FactWorld, background_traces, build_world, fact_sentence, trace_record
 
 
 def _transfer_text(world: FactWorld) -> str:
@@ -41,6 +41,16 @@ def test_splits_are_disjoint_and_no_held_out_fact_occurs_in_transfer_data(fracti
 def test_same_seed_gives_the_same_facts_for_every_transfer_fraction():
     a, b = build_world(entities=12, transfer_fraction=0.25, seed=1), build_world(entities=12, transfer_fraction=0.5, seed=1)
     assert a.facts == b.facts and a.transfer != b.transfer
+
+
+def test_the_targets_pretraining_traces_hold_no_world_fact_and_no_fact_to_memorise():
+    world = build_world(entities=12, relations=4, background_entities=4, seed=2)
+    traces = background_traces(world, 400, seed=0)
+    assert not {f.entity for f in traces} & set(world.entities)
+    for entity in {f.entity for f in traces}:
+        for relation in world.relations:
+            values = {f.value for f in traces if f.entity == entity and f.relation == relation}
+            assert len(values) > 1, f"{entity}'s {relation} is always {values}: the target could memorise it"
 
 
 def test_impossible_fraction_is_an_error_that_says_what_to_do():

@@ -12,7 +12,8 @@ from transformers import TrainerCallback
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
 from llm_modules.cache import StaleCacheError
 from llm_modules.tiny import save_tiny, tiny_model
-from llm_modules.train import train, train_main
+from llm_modules.modeling import causal_lm_loss
+from llm_modules.train import token_mean_loss, train, train_main
 from llm_modules.train_config import TrainConfig, config_from_argv, load_config
 
 
@@ -180,3 +181,17 @@ def test_run_config_types_overrides_and_unknown_keys(tmp_path):
         config_from_argv(["--batch-size", "two"])
     with pytest.raises(LLMModulesError, match="missing option"):
         train(TrainConfig(source="x"))
+
+
+def test_trainer_loss_adds_a_mixture_heads_own_cross_entropy_and_weighs_every_token_once():
+    generator = torch.Generator().manual_seed(0)
+    logits, head_logits = torch.randn(2, 6, 11, generator=generator), torch.randn(2, 6, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 6), generator=generator)
+    labels[0, :3] = -100
+    plain = token_mean_loss({"logits": logits}, labels)
+    torch.testing.assert_close(plain, causal_lm_loss(logits, labels))
+    mixed = token_mean_loss({"logits": logits, "head_logits": head_logits}, labels)
+    torch.testing.assert_close(mixed, plain + causal_lm_loss(head_logits, labels))
+    # with the accumulated batch's token count, a sum over that count
+    count = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(token_mean_loss({"logits": logits}, labels, num_items_in_batch=2 * count), plain / 2)

@@ -154,12 +154,17 @@ methods:
   - distill_kd
   - llm_modules_bridge_leaky_random
   - {{kind: bridge, target_init: pretrained, head: source_mix, connector_layers: 1}}
-sweep_fractions: [0.5]
+sweep_fractions: [0.25, 0.5]
 sweep_methods: [source_head]
 """
 
 
-def test_tiny_compare_run_writes_report_plots_and_results_json(tmp_path, capsys):
+def test_tiny_compare_run_writes_report_plots_and_results_json(tmp_path, capsys, monkeypatch):
+    import llm_modules.compare as compare_module
+
+    trained: list[str] = []
+    run_method = compare_module.run_method
+    monkeypatch.setattr(compare_module, "run_method", lambda spec, *a, **k: trained.append(spec.name) or run_method(spec, *a, **k))
     config_path = tmp_path / "compare.yaml"
     config_path.write_text(TINY_COMPARE.format(output=tmp_path / "out"))
     assert load_compare_config(config_path).methods[-1].name == "llm_modules_bridge_causal_pretrained_head_source_mix_layers1"
@@ -178,6 +183,9 @@ def test_tiny_compare_run_writes_report_plots_and_results_json(tmp_path, capsys)
     assert results["methods"]["target_alone"]["trainable_params"] == 0
     assert results["methods"]["source_head"]["trainable_params"] > 0
     assert set(results["sweep"]["0.5"]) == {"source_head", "source_head/unseen"}
+    # the sweep reuses the main runs at the main transfer fraction (the same world) instead of training again
+    assert results["sweep"]["0.25"]["source_head"] == results["methods"]["source_head"]["test_accuracy"]
+    assert trained.count("source_head") == 2
     report = (out / "report.md").read_text()
     assert "| llm_modules_bridge_leaky_random |" in report
     for plot in ("accuracy.png", "training-curves.png", "gates.png", "cross-attention.png", "sweep.png"):

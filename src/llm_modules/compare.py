@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -95,8 +96,12 @@ def run_all(config: CompareConfig, bench: Workbench, progress: bool = True) -> l
     return runs
 
 
-def run_sweep(config: CompareConfig, bench: Workbench, progress: bool = True) -> dict[str, dict[str, list[float]]]:
-    """{fraction: {method: [test accuracy per seed]}} for each transfer fraction of the sweep."""
+def run_sweep(config: CompareConfig, bench: Workbench, progress: bool = True,
+              done: Sequence[MethodRun] = ()) -> dict[str, dict[str, list[float]]]:
+    """{fraction: {method: [test accuracy per seed]}} for each transfer fraction of the sweep.
+
+    ``done``: runs of the main comparison; at the main transfer fraction (the same world) they are reused.
+    """
     names = set(config.sweep_methods) or {m.name for m in config.methods}
     unknown = names - {m.name for m in config.methods}
     if unknown:
@@ -111,7 +116,11 @@ def run_sweep(config: CompareConfig, bench: Workbench, progress: bool = True) ->
             if spec.name not in names:
                 continue
             for seed in config.seeds:
-                run = run_method(spec, fraction_bench, config.budget, seed, progress=progress)
+                reuse = [r for r in done if r.spec.name == spec.name and r.seed == seed]
+                if reuse and fraction == config.world.transfer_fraction:
+                    run = reuse[0]
+                else:
+                    run = run_method(spec, fraction_bench, config.budget, seed, progress=progress)
                 results.setdefault(spec.name, []).append(run.scores.accuracy)
                 results.setdefault(f"{spec.name}/unseen", []).append(run.scores.accuracy_unseen)
             log(f"  {spec.name}: {sum(results[spec.name]) / len(results[spec.name]):.0%}")
@@ -131,7 +140,7 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     save_model(bench.source, bench.tokenizer, output / "models" / "source", [fact_sentence(bench.world.facts[0])])
     save_model(bench.target, bench.tokenizer, output / "models" / "target", [fact_sentence(bench.world.background[0])])
     runs = run_all(config, bench, progress)
-    sweep = run_sweep(config, bench, progress) if config.sweep_fractions else {}
+    sweep = run_sweep(config, bench, progress, done=runs) if config.sweep_fractions else {}
     results = build_results(config, bench, pretraining, runs, sweep, time.perf_counter() - start)
     write_report(results, runs, bench, output)
     return results

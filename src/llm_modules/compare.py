@@ -62,6 +62,10 @@ def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench
     recall = recall_report(bench)
     log(f"source pretrained in {source_seconds:.0f}s ({source_run.steps_run} steps): recall at the trace answer point "
         f"{recall['test_trace']:.0%} of test facts, in its own format {recall['test_own']:.0%}")
+    if recall["test_trace"] < config.source.target_recall:
+        log(f"WARNING: the source recalls only {recall['test_trace']:.0%} of test facts at the answer point (target "
+            f"{config.source.target_recall:.0%}); no method can transfer what it does not know. Train it longer or "
+            "wider (source.steps, source.hidden) before reading the table.")
     log(f"target pretrained in {target_seconds:.0f}s on {t.steps * t.batch_size} traces and sentences about "
         f"{len({f.entity for f in world.background})} other entities, values drawn afresh each time (none of the world's facts)")
     pretraining = {

@@ -121,6 +121,6 @@ def demo_config(output: str = "runs/demo") -> CompareConfig:
         world=WorldSettings(entities=32, relations=8, background_entities=16),
         source=SourceSettings(steps=1000),
         budget=Budget(steps=400, eval_every=100, patience=2),
-        note="demo: 1 seed, 32 entities x 8 relations; the full run (examples/compare.yaml) uses 3 seeds, "
-        "40 entities and sweeps the transfer fraction",
+        note="demo: 1 seed, 13 methods, 400 steps; the full run (examples/compare.yaml) uses 3 seeds, 15 methods, "
+        "600 steps and sweeps the transfer fraction",
     )

@@ -198,3 +198,10 @@ def test_compare_with_a_bad_config_exits_2_with_the_file_and_key(tmp_path, capsy
     config_path.write_text("world: {entitys: 3}\n")
     assert main(["compare", "--config", str(config_path)]) == 2
     assert "entitys" in capsys.readouterr().err
+
+
+def test_sweep_table_reads_a_fraction_without_unseen_answers_as_n_a():
+    from llm_modules.report import _sweep_table
+
+    table = _sweep_table({"0.75": {"m": [0.5, 0.7], "m/unseen": [float("nan"), None]}})
+    assert "| m | 60% ± 14% (n/a unseen) |" in table

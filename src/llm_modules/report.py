@@ -69,14 +69,15 @@ def build_results(config, bench: Workbench, pretraining: dict, runs: Sequence[Me
             "test_answer_seen": sum(world.answer_seen(f) for f in world.test),
         },
         "pretraining": pretraining,
-        "sweep": sweep,
+        "sweep": {fraction: {name: [_clean(v) for v in values] for name, values in methods_at.items()}
+                  for fraction, methods_at in sweep.items()},
         "settings": config.to_dict(),
         "seconds": seconds,
     }
 
 
 def _mean_spread(values: Sequence[float | None]) -> str:
-    values = [v for v in values if v is not None]
+    values = [v for v in values if v is not None and not math.isnan(v)]  # nan: no such facts (e.g. 0 unseen)
     if not values:
         return "n/a"
     mean = statistics.fmean(values)
@@ -120,7 +121,7 @@ def _sweep_table(sweep: dict) -> str:
         return ""
     fractions = list(sweep)
     names = [n for n in sweep[fractions[0]] if not n.endswith("/unseen")]
-    lines = ["| method | " + " | ".join(f"{float(f):.0%}" for f in fractions) + " |",
+    lines = ["| method | " + " | ".join(f"{float(f) * 100:g}%" for f in fractions) + " |",
              "|---|" + "---|" * len(fractions)]
     for name in names:
         cells = [_mean_spread(sweep[f].get(name, [])) + f" ({_mean_spread(sweep[f].get(name + '/unseen', []))} unseen)"

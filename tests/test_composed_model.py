@@ -156,7 +156,9 @@ def test_a_mixture_head_trains_its_new_head_on_its_own_cross_entropy_too(model_f
     assert output.head_logits is not None
     expected = causal_lm_loss(output.logits, labels) + causal_lm_loss(output.head_logits, labels)
     torch.testing.assert_close(output.loss, expected)
-    assert model.eval()(**inputs).head_logits is None  # inference returns only the mixture
+    evaluated = model.eval()(**inputs, labels=labels)
+    assert evaluated.head_logits is None  # inference returns only the mixture, and reports its loss alone
+    torch.testing.assert_close(evaluated.loss, causal_lm_loss(evaluated.logits, labels))
 
 
 @pytest.mark.parametrize("head", ["new", "source_mix", "source_pointer"])

@@ -60,7 +60,8 @@ POINTER_DIM = 64  # head="source_pointer": query/key width of the pointer attent
 class ComposedCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus ``head_logits`` [B, T, V]: with a mixture head (source_mix, source_pointer)
     in training mode, the new head's own logits. Training adds their cross-entropy to the mixture's, so that the
-    new head learns every token whatever the gate does (``loss`` already includes it when ``labels`` are given)."""
+    new head learns every token whatever the gate does (in training mode ``loss`` already includes it when ``labels``
+    are given; in evaluation mode ``loss`` is the mixture's alone)."""
 
     head_logits: torch.FloatTensor | None = None
 
@@ -401,7 +402,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
-            if head_logits is not None:
+            if head_logits is not None and self.training:  # evaluation reports the mixture's loss alone
                 loss = loss + causal_lm_loss(head_logits, labels)
         return ComposedCausalLMOutput(
             loss=loss,
@@ -436,7 +437,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         source_pointer: log(g_here * p_source(here) + g_pointed * p_source(pointed) + g_new * p_new), g = softmax
                     over three paths per position (each kept >= MIX_FLOOR). p_source(pointed) is the source's head on
                     an attention-weighted sum of the source states at positions <= i (one causal pointer head,
-                    queries/keys from the target's stream): the model can repeat what the source predicted earlier,
+                    queries from the target's stream, keys from both streams): the model can repeat what the source predicted earlier,
                     e.g. copy the fact its reasoning recalled into the answer, for words that never occurred in the
                     transfer data. The "here" path is source_mix's; kept separate because a pointer that has to
                     learn to stay on its own position fails on word pieces it never saw (measured in the fact

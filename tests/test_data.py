@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from llm_modules.data import (
+from llm_modules.training.data import (
     DataError,
     DataOptions,
     PaddingCollator,
@@ -62,7 +62,7 @@ def trained(example):
 def test_chat_template_mask_matches_generation_markers_token_by_token(tmp_path, tokenizer, name):
     example = one(tmp_path, tokenizer, RECORDS[name])
     # Oracle: the tiny ChatML template marks assistant text with {% generation %}; HF computes that mask.
-    from llm_modules.data import to_messages, Record
+    from llm_modules.training.data import to_messages, Record
 
     messages = to_messages(Record("x", RECORDS[name]), "sharegpt" if "conversations" in RECORDS[name] else
                            "messages" if "messages" in RECORDS[name] else

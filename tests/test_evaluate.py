@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-import llm_modules.evaluate as evaluate_module
+import llm_modules.evaluation.evaluate as evaluate_module
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
-from llm_modules.data import DataOptions, build_examples
-from llm_modules.evaluate import EvalOptions, answers_match, evaluate, extract_answer, normalize_answer
+from llm_modules.training.data import DataOptions, build_examples
+from llm_modules.evaluation.evaluate import EvalOptions, answers_match, evaluate, extract_answer, normalize_answer
 
 STRATOS = (
     "<|begin_of_thought|>\nMaybe it is \\boxed{3}? No, let me redo it.\n<|end_of_thought|>\n\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from llm_modules.cli import COMMANDS
-from llm_modules.train import check_config
-from llm_modules.train_config import config_from_argv, load_config
+from llm_modules.training.trainer import check_config
+from llm_modules.training.config import config_from_argv, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from llm_modules.cli import main
-from llm_modules.compare_config import config_from_mapping, load_compare_config
+from llm_modules.evaluation.compare_config import config_from_mapping, load_compare_config
 from llm_modules.errors import LLMModulesError
-from llm_modules.factworld.lm import build_world_tokenizer, encode_trace, logits_of
-from llm_modules.factworld.methods import Workbench, bridge_spec, build_model, method_from_mapping
-from llm_modules.factworld.metrics import leak_probe, parse_answer, source_recall, teacher_forced
-from llm_modules.factworld.models import pretrain_source, pretrain_target
-from llm_modules.factworld.world import FactWorld, background_traces, build_world, fact_sentence, trace_record
+from llm_modules.evaluation.factworld.lm import build_world_tokenizer, encode_trace, logits_of
+from llm_modules.evaluation.factworld.methods import Workbench, bridge_spec, build_model, method_from_mapping
+from llm_modules.evaluation.factworld.metrics import leak_probe, parse_answer, source_recall, teacher_forced
+from llm_modules.evaluation.factworld.models import pretrain_source, pretrain_target
+from llm_modules.evaluation.factworld.world import FactWorld, background_traces, build_world, fact_sentence, trace_record
 
 
 def _transfer_text(world: FactWorld) -> str:
@@ -160,7 +160,7 @@ sweep_methods: [source_head]
 
 
 def test_tiny_compare_run_writes_report_plots_and_results_json(tmp_path, capsys, monkeypatch):
-    import llm_modules.compare as compare_module
+    import llm_modules.evaluation.compare as compare_module
 
     trained: list[str] = []
     run_method = compare_module.run_method
@@ -201,7 +201,7 @@ def test_compare_with_a_bad_config_exits_2_with_the_file_and_key(tmp_path, capsy
 
 
 def test_sweep_table_reads_a_fraction_without_unseen_answers_as_n_a():
-    from llm_modules.report import _sweep_table
+    from llm_modules.evaluation.report import _sweep_table
 
     table = _sweep_table({"0.75": {"m": [0.5, 0.7], "m/unseen": [float("nan"), None]}})
     assert "| m | 60% ± 14% (n/a unseen) |" in table

@@ -19,8 +19,8 @@ import torch
 
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
-from llm_modules.train import train
-from llm_modules.train_config import config_from_mapping, load_config
+from llm_modules.training.trainer import train
+from llm_modules.training.config import config_from_mapping, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))

@@ -48,7 +48,7 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from .modeling import LLMModulesForCausalLM
+from .model.modeling import LLMModulesForCausalLM
 from .tiny import build_tokenizer, tiny_config
 
 HEADLINE_KEYS = (

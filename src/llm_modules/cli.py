@@ -10,11 +10,11 @@ from .errors import LLMModulesError
 
 # command -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "demo": ("llm_modules.compare", "demo_main", "the fact-world demo: does knowledge transfer? (CPU, minutes)"),
+    "demo": ("llm_modules.evaluation.compare", "demo_main", "the fact-world demo: does knowledge transfer? (CPU, minutes)"),
     "generate": ("llm_modules.commands", "generate_main", "generate text from a saved composed model"),
-    "train": ("llm_modules.train", "train_main", "train a composed model (Trainer, source-state cache)"),
-    "eval": ("llm_modules.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),
-    "compare": ("llm_modules.compare", "compare_main", "run every transfer method on one harness, write a report"),
+    "train": ("llm_modules.training.trainer", "train_main", "train a composed model (Trainer, source-state cache)"),
+    "eval": ("llm_modules.evaluation.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),
+    "compare": ("llm_modules.evaluation.compare", "compare_main", "run every transfer method on one harness, write a report"),
     "bench": ("llm_modules.bench", "bench_main", "decode/training/memory benchmarks against the alternatives"),
 }
 

@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from .generate import render_prompt, stream_generate
+from .model.generate import render_prompt, stream_generate
 
 
 def generate_main(argv: list[str]) -> int:
@@ -23,7 +23,7 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from .modeling import LLMModulesForCausalLM
+    from .model.modeling import LLMModulesForCausalLM
 
     model = LLMModulesForCausalLM.from_pretrained(args.model).to(args.device)
     prompt = render_prompt(model.tokenizer, args.prompt, args.system, args.raw)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..tiny import save_tiny, tiny_config
+from ...tiny import save_tiny, tiny_config
 from .lm import Example, TrainResult, check_tokenizer_roundtrip, collate, encode_text, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import source_recall
 from .world import Fact, FactWorld, background_traces, fact_sentence, source_documents

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 MANIFEST = "manifest.json"
 VERSION = 1

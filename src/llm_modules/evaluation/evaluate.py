@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import (
+from ..training.data import (
     IGNORE_INDEX,
     DataError,
     DataOptions,
@@ -38,7 +38,7 @@ from .data import (
     read_records,
     to_messages,
 )
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 SOLUTION = re.compile(r"<\|begin_of_solution\|>(.*?)(?:<\|end_of_solution\|>|$)", re.S)
 # "#### 72", "#### -3.5", "#### $1,200": a number right after the marker (not "#### Step 1", a heading).
@@ -266,8 +266,8 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from .loading import load_tokenizer
-    from .modeling import LLMModulesForCausalLM
+    from ..model.loading import load_tokenizer
+    from ..model.modeling import LLMModulesForCausalLM
 
     folder = Path(args.model).expanduser()
     if not folder.is_dir():

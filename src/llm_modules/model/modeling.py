@@ -37,7 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import LLMModulesConfig
 from .connector import ConnectorCache, EnhancedCrossAttention
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 from .loading import (
     ModelLike,
     config_from_dict,

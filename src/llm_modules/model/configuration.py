@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 TOPOLOGIES = ("bridge",)
 TARGET_INITS = ("pretrained", "random")

@@ -24,11 +24,11 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .cache import CachedStatesDataset, CacheFields, SourceStateCache, tokenizer_fingerprint, weights_fingerprint
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
-from .errors import LLMModulesError
-from .loading import load_config as load_model_config
-from .loading import load_tokenizer
-from .modeling import LLMModulesForCausalLM
-from .train_config import TrainConfig, config_from_argv, dump_config
+from ..errors import LLMModulesError
+from ..model.loading import load_config as load_model_config
+from ..model.loading import load_tokenizer
+from ..model.modeling import LLMModulesForCausalLM
+from .config import TrainConfig, config_from_argv, dump_config
 
 MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
                  "attention_dropout", "source_layer")

@@ -32,7 +32,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 FORMATS = ("sharegpt", "messages", "prompt_completion", "gsm8k", "text")
 TEMPLATES = ("chat", "plain")

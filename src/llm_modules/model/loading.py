@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 ModelLike = str | os.PathLike | PreTrainedModel
 

@@ -5,7 +5,7 @@ sequences of ~60 tokens) and each demo run trains a dozen of them on 2 CPU cores
 size ``Trainer``'s per-step overhead (callbacks, accelerate wrapping, dataloader workers, logging)
 costs as much as the step itself (measured: about 2x wall time per step for a 100k-weight model), and
 the loop needs per-method losses (KD), frozen-source features and early stopping on *generation-
-relevant* validation accuracy, not loss. Real-model training rides ``llm_modules.train`` (Trainer).
+relevant* validation accuracy, not loss. Real-model training rides ``llm_modules.training.trainer`` (Trainer).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from ..tiny import build_tokenizer
+from ...tiny import build_tokenizer
 from .world import (
     BEGIN_THOUGHT,
     TRACE_MARKERS,

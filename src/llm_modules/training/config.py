@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 
 
 @dataclass

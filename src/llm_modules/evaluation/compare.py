@@ -22,12 +22,12 @@ from typing import Sequence
 import torch
 
 from .compare_config import CompareConfig, config_from_mapping, demo_config, load_compare_config
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 from .factworld.lm import build_world_tokenizer
 from .factworld.methods import MethodRun, Workbench, recall_report, run_method
 from .factworld.models import pretrain_source, pretrain_target, save_model
 from .factworld.world import FactWorld, build_world, fact_sentence
-from .train_config import parse_overrides
+from ..training.config import parse_overrides
 
 
 def log(message: str) -> None:

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import LLMModulesError
-from ..modeling import LLMModulesForCausalLM
+from ...errors import LLMModulesError
+from ...model.modeling import LLMModulesForCausalLM
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import QUESTION_FORMS, FactWorld
@@ -151,7 +151,7 @@ class Workbench:
         """The frozen source's last hidden states for right-padded ``batch``: [B, T, d_source].
 
         The fact world's source-state cache: the source never changes, so each sequence runs through
-        it once for all bridge methods and seeds (``llm_modules.cache`` does this on disk for real runs).
+        it once for all bridge methods and seeds (``llm_modules.training.cache`` does this on disk for real runs).
         """
         missing = [e for e in batch if tuple(e.input_ids) not in self._states]
         if missing:

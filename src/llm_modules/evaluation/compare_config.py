@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 
-from .errors import LLMModulesError
+from ..errors import LLMModulesError
 from .factworld.methods import Budget, MethodSpec, default_methods, method_from_mapping
-from .train_config import _convert, read_yaml_mapping
+from ..training.config import _convert, read_yaml_mapping
 
 
 @dataclass

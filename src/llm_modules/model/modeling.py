@@ -269,6 +269,10 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         """The weights ``save_pretrained`` writes: every parameter that trains."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
+    def gate_values(self) -> list[float]:
+        """Mean opening of each cross-attention gate at the last forward pass (NaN before any), for plots and pages."""
+        return self.connector.gate_values()
+
     @property
     def source_hidden_size(self) -> int:
         return _hidden_size(config_from_dict(self.config.source_config))

@@ -226,7 +226,7 @@ def test_bad_inputs_give_actionable_errors(model_folder, tokenizer, tmp_path):
     model = compose(model_folder)
     model.source.base_model_prefix = "no_states"
     model.source.no_states = NoStates()
-    with pytest.raises(LLMModulesError, match="no hidden states"):
+    with pytest.raises(LLMModulesError, match="no hidden state"):
         model(**batch(tokenizer))
 
 

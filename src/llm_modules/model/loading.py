@@ -117,6 +117,20 @@ def load_target_body(
         raise _load_error("target", target, error) from error
 
 
+def load_target_lm(target: ModelLike | PreTrainedConfig, init: str, revision: str | None = None) -> PreTrainedModel:
+    """The whole target causal LM (embeddings, body, head), as the fusion topology keeps it; float32."""
+    if init == "random":
+        return AutoModelForCausalLM.from_config(load_config("target", target, revision), dtype=torch.float32)
+    if isinstance(target, PreTrainedConfig):
+        raise LLMModulesError("target_init='pretrained' needs target weights; a config alone gives target_init='random'")
+    if isinstance(target, PreTrainedModel):
+        if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
+            raise LLMModulesError(f"the fusion target must be a causal LM with its head, got {type(target).__name__}")
+        return target.float()
+    model = load_causal_lm("target", target, revision)
+    return model.float()
+
+
 def load_tokenizer(name: ModelLike | PreTrainedTokenizerBase | None, role: str = "source") -> PreTrainedTokenizerBase:
     """The tokenizer of ``name`` (a folder, hub id, or a model whose ``name_or_path`` is a folder)."""
     if isinstance(name, PreTrainedTokenizerBase):

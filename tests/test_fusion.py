@@ -120,10 +120,10 @@ def test_a_tail_token_has_the_state_the_source_computes_on_the_prefix_alone(fold
     groups = inputs.source_groups[0]
     assert (groups != MAIN).any() and (groups == MAIN).any()  # the two tokenizers split words differently
     states = model.source_states(inputs.source_input_ids, inputs.source_attention_mask, inputs.source_position_ids)
-    from llm_modules.model.fusion import _run_source, source_side
+    from llm_modules.model.fusion import run_source, source_side
 
     side = source_side(model, inputs.input_ids, inputs.attention_mask, dict(inputs))
-    with_tails = _run_source(model, side, None, (-1,))[0][0]  # [S, d]
+    with_tails = run_source(model.source, side, None, (-1,))[0][0]  # [S, d]
     ends = processor.target_ends(LONG, inputs.input_ids[0].tolist())
     for i in sorted({int(g) for g in groups if g != MAIN})[:6]:
         alone_ids = processor._source_tokens(LONG[: ends[i]])[0]

@@ -210,12 +210,23 @@ def source_side(model, input_ids, attention_mask, inputs: dict) -> SourceSide:
     return SourceSide(ids, mask, positions, groups, counts)
 
 
-def _run_source(model, side: SourceSide, cache: FusionCache | None, layers: tuple[int, ...]) -> list[torch.Tensor]:
+def run_source(source: PreTrainedModel, side: SourceSide, cache: FusionCache | None, layers: tuple[int, ...]
+               ) -> list[torch.Tensor]:
+    """The source's states of every source token of a forward (main tokens and tails): per layer [B, S, d_s]."""
     self_mask = None
     if side.has_tails:
         self_mask = source_self_mask(side.attention_mask, side.groups, group_counts(side.groups, side.counts))
-    return read_source(model.source, side.input_ids, side.attention_mask, side.position_ids, layers,
+    return read_source(source, side.input_ids, side.attention_mask, side.position_ids, layers,
                        cache.source if cache is not None else None, self_mask)
+
+
+def source_view_rows(source: PreTrainedModel, batch: dict[str, torch.Tensor], layers: tuple[int, ...]
+                     ) -> list[torch.Tensor]:
+    """What the source-state cache stores for fusion: per row of a collated batch, [S_i, L, d_s]."""
+    side = SourceSide(batch["source_input_ids"], batch["source_attention_mask"], batch["source_position_ids"],
+                      batch["source_groups"], batch["source_counts"])
+    states = torch.stack(run_source(source, side, None, layers), dim=2)  # [B, S, L, d_s]
+    return [states[row, : int(n)] for row, n in enumerate(side.attention_mask.sum(-1))]
 
 
 def _decode_source_step(model, cache: FusionCache, input_ids: torch.LongTensor, layers: tuple[int, ...]
@@ -272,7 +283,7 @@ def fusion_forward(model, input_ids: torch.LongTensor, attention_mask: torch.Ten
             cached = inputs["source_states"]  # [B, S, L, d_s], L = read layers (+ last)
             states = [cached[:, :, i] for i in range(cached.shape[2])]
         else:
-            states = _run_source(model, side, cache, layers)
+            states = run_source(model.source, side, cache, layers)
         columns = torch.arange(length, device=input_ids.device)
         allowed = cross_attention_from_counts(side.attention_mask, side.groups, side.counts, columns, model.config.leaky)
         if cache is not None:

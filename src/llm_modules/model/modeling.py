@@ -179,8 +179,9 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         fusion = options.get("topology", "bridge") == "fusion"
         source_model = None if source is None else load_causal_lm("source", source, source_revision, source_dtype)
         source_config = source_model.config if source_model is not None else load_config("source", source_config)
-        source_tok = _tokenizer_of(source_tokenizer, source, "source")
+        source_tok = None  # fusion only: the source reads with its own tokenizer
         if fusion:
+            source_tok = _tokenizer_of(source_tokenizer, source, "source")
             target_tok = _tokenizer_of(tokenizer, target, "target")
             body = load_target_lm(target, target_init)
             options.setdefault("gate", "tanh")
@@ -195,7 +196,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             vocab = int(body.config.get_text_config().vocab_size)
             tokenizer_for_ids = target_tok
         else:
-            target_tok = _tokenizer_of(tokenizer, None, "source") or source_tok
+            target_tok = _tokenizer_of(tokenizer, None, "source") or _tokenizer_of(source_tokenizer, source, "source")
             if target_tok is None:
                 raise LLMModulesError("without a source model, pass the source's tokenizer=...")
             body = load_target_body(target, target_init)
@@ -218,7 +219,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             **options,
         )
         model = cls(config, source=source_model, target=body, tokenizer=tokenizer_for_ids,
-                    source_tokenizer=source_tok if fusion else None)
+                    source_tokenizer=source_tok)
         pad = tokenizer_for_ids.pad_token_id
         model.generation_config = GenerationConfig(
             pad_token_id=pad if pad is not None else tokenizer_for_ids.eos_token_id,

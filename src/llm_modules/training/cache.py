@@ -20,6 +20,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -88,6 +89,7 @@ class CacheFields:
     max_length: int
     hidden_size: int
     dtype: str
+    layout: str = "bridge"  # what a row's states are: the bridge's [T, d_s], or fusion's source view [S, L, d_s]
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -120,10 +122,11 @@ class SourceStateCache:
         if stored.get("version") != VERSION:
             raise StaleCacheError(f"{manifest} has format version {stored.get('version')}, this code reads {VERSION}; "
                                   f"delete {cache.folder} (or pass rebuild_cache) to recompute it")
+        defaults = {f.name: f.default for f in dataclass_fields(CacheFields)}  # fields added later: their default
         differences = [
-            f"{name}: cache has {stored['fields'].get(name)!r}, this run has {value!r}"
+            f"{name}: cache has {stored['fields'].get(name, defaults[name])!r}, this run has {value!r}"
             for name, value in asdict(fields).items()
-            if stored["fields"].get(name) != value
+            if stored["fields"].get(name, defaults[name]) != value
         ]
         if differences:
             raise StaleCacheError(
@@ -150,12 +153,15 @@ class SourceStateCache:
         shard_bytes: int = 1 << 30,
         device: str | torch.device = "cpu",
         progress: bool = True,
+        rows_fn: Callable[[list[list[int]]], list[torch.Tensor]] | None = None,
     ) -> int:
         """Compute and store the states of every example the cache lacks; return how many were computed.
 
         examples: lists of input_ids; states_fn: [B, T] ids, [B, T] mask -> [B, T, d_s].
         Batches are formed from length-sorted examples with right padding (no padding reaches a
         real token through the causal source); each example keeps its own [T_i, d_s] slice.
+        rows_fn: instead of states_fn, a function from a batch of examples to one tensor per example
+        (fusion: [S_i, L, d_s], S_i source tokens that need not be as many as the example's ids).
         """
         todo: dict[str, list[int]] = {}
         for ids in examples:
@@ -174,6 +180,20 @@ class SourceStateCache:
         bar = tqdm(total=len(order), desc="source-state cache", unit="row", disable=not progress)
         for start in range(0, len(order), batch_size):
             keys = order[start: start + batch_size]
+            if rows_fn is not None:
+                with torch.no_grad():
+                    rows = rows_fn([todo[k] for k in keys])
+                for key, tensor in zip(keys, rows):
+                    if tensor.shape[-1] != self.fields.hidden_size:
+                        raise LLMModulesError(f"the source gave states of width {tensor.shape[-1]}, the cache "
+                                              f"expects {self.fields.hidden_size}")
+                    pending[key] = tensor.to("cpu", dtype).contiguous()
+                    pending_bytes += pending[key].numel() * pending[key].element_size()
+                if pending_bytes >= shard_bytes:
+                    self._write_shard(pending)
+                    pending, pending_bytes = {}, 0
+                bar.update(len(keys))
+                continue
             length = max(len(todo[k]) for k in keys)
             ids = torch.zeros((len(keys), length), dtype=torch.long)
             mask = torch.zeros((len(keys), length), dtype=torch.long)

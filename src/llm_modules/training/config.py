@@ -29,7 +29,7 @@ class TrainConfig:
     target: str | None = None  # hub id or folder of the target model
     data: str | None = None  # .jsonl/.json/.parquet file or hub dataset name
     output: str = "runs/llm-modules"
-    tokenizer: str | None = None  # default: the source's
+    tokenizer: str | None = None  # default: the source's (bridge) or the target's (fusion)
     source_revision: str | None = None
     dataset_split: str = "train"  # hub datasets
     validation_data: str | None = None  # a separate validation file (else a split of `data`)
@@ -46,17 +46,28 @@ class TrainConfig:
     overlength: str = "drop"  # drop [paper] | truncate
     on_bad_row: str = "error"  # error | skip (counted and reported)
     # --- the composed model
+    topology: str = "bridge"  # bridge [paper] | fusion (the target keeps its tokenizer, embeddings and head)
     target_init: str = "pretrained"  # pretrained | random [paper release]
     leaky: bool = False
-    gate: str = "sigmoid"
-    head: str = "new"
+    gate: str | None = None  # None: sigmoid for the bridge [paper], tanh at 0 for fusion
+    head: str | None = None  # None: new for the bridge [paper], target for fusion
     connector_layers: int = 2
-    heads: int = 8
+    heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
     adapter_dim: int = 256
     intermediate_dim: int | None = None
     attention_dropout: float = 0.1
     source_layer: int = -1
     source_dtype: str | None = None  # e.g. bfloat16
+    # --- fusion only
+    memory: str = "prompt"  # prompt (the source reads the prompt once) | sequence (it reads along)
+    fusion_layers: list[int] | None = None  # target layers with a block in front; None: every fusion_every-th
+    fusion_every: int = 4
+    source_layers: list[int] | None = None  # source hidden_states read by the blocks (one, or one per block)
+    train_target: str = "none"  # none [CALM] | all | lora (PEFT)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
     # --- source-state cache
     cache: str | None = None  # folder; "auto" = OUTPUT/source-cache; null = run the source every step
     cache_dtype: str = "float16"  # float16 | bfloat16 | float32
@@ -122,7 +133,7 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
         return _convert(name, value, options[0])
     if origin is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [str(v) for v in items]
+        return [_convert(name, v, typing.get_args(hint)[0]) for v in items]
     try:
         if hint is bool:
             if isinstance(value, bool):

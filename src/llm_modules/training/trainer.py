@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..model.fusion import source_view_rows
+from ..model.loading import load_causal_lm
+from ..model.processing import CompositionProcessor
+from ..model.source import read_source
+from .alignment import CompositionCollator, add_source_alignment
 from .cache import CachedStatesDataset, CacheFields, SourceStateCache, tokenizer_fingerprint, weights_fingerprint
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
 from ..errors import LLMModulesError
@@ -32,15 +37,47 @@ from .config import TrainConfig, config_from_argv, dump_config
 
 MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
                  "attention_dropout", "source_layer")
+FUSION_OPTIONS = ("memory", "fusion_layers", "fusion_every", "source_layers", "train_target", "lora_rank",
+                  "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def model_options(config: TrainConfig) -> dict:
+    """The compose() options of a run; unset ones (None) take the topology's defaults."""
+    names = MODEL_OPTIONS + (FUSION_OPTIONS if config.topology == "fusion" else ())
+    options = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+    return {**options, "topology": config.topology}
+
+
+def reads_source_head(config: TrainConfig) -> bool:
+    """Does the model need the source's weights even when its states are cached (a head over its vocabulary)?"""
+    return config.head not in (None, "new", "target")
+
+
+@dataclass
+class Tokenizers:
+    """The tokenizer the model reads and writes (``main``) and, for fusion, the source's own."""
+
+    main: object
+    source: object
+
+
+def load_tokenizers(config: TrainConfig) -> Tokenizers:
+    fusion = config.topology == "fusion"
+    main_ref = config.tokenizer or (config.target if fusion else config.source)
+    main = load_tokenizer(main_ref, "tokenizer" if config.tokenizer else ("target" if fusion else "source"))
+    if main.pad_token_id is None:
+        main.pad_token = main.eos_token  # as the paper: pad = eos (labels on padding are -100 anyway)
+    return Tokenizers(main, load_tokenizer(config.source, "source") if fusion else main)
 
 
 # ----------------------------------------------------------------------------------------- model
-def compose_model(config: TrainConfig, tokenizer, with_source: bool = True) -> LLMModulesForCausalLM:
+def compose_model(config: TrainConfig, tokenizers: Tokenizers, with_source: bool = True) -> LLMModulesForCausalLM:
     """The composed model a run trains; ``with_source=False`` builds it from the source's config only
     (training from the source-state cache: the source's weights are never loaded)."""
-    options = {name: getattr(config, name) for name in MODEL_OPTIONS}
-    common = dict(tokenizer=tokenizer, source_revision=config.source_revision, source_dtype=config.source_dtype,
-                  target_init=config.target_init, **options)
+    common = dict(tokenizer=tokenizers.main, source_revision=config.source_revision, source_dtype=config.source_dtype,
+                  target_init=config.target_init, **model_options(config))
+    if config.topology == "fusion":
+        common["source_tokenizer"] = tokenizers.source
     if with_source:
         return LLMModulesForCausalLM.compose(config.source, config.target, **common)
     source_config = load_model_config("source", config.source, config.source_revision)
@@ -51,20 +88,34 @@ def compose_model(config: TrainConfig, tokenizer, with_source: bool = True) -> L
 
 
 # ----------------------------------------------------------------------------------------- cache
-def cache_fields(config: TrainConfig, tokenizer) -> CacheFields:
+def cache_fields(config: TrainConfig, tokenizers: Tokenizers) -> CacheFields:
     source_config = load_model_config("source", config.source, config.source_revision).get_text_config()
+    tokenizer = tokenizer_fingerprint(tokenizers.main)
+    layout = "bridge"
+    if config.topology == "fusion":
+        tokenizer += "+" + tokenizer_fingerprint(tokenizers.source)
+        layout = f"fusion memory={config.memory} layers={fusion_read_layers(config)}"
     return CacheFields(
         source=str(config.source),
         source_revision=config.source_revision,
         source_weights=weights_fingerprint(config.source),
         source_layer=config.source_layer,
         source_dtype=config.source_dtype,
-        tokenizer=tokenizer_fingerprint(tokenizer),
+        tokenizer=tokenizer,
         template=config.template,
         max_length=config.max_length,
         hidden_size=int(source_config.hidden_size),
         dtype=config.cache_dtype,
+        layout=layout,
     )
+
+
+def fusion_read_layers(config: TrainConfig) -> tuple[int, ...]:
+    """The source layers a fusion run's cache stores: those its blocks read, + the last for mixture heads."""
+    layers = tuple(dict.fromkeys(config.source_layers or [-1]))
+    if reads_source_head(config) and -1 not in layers:
+        layers = (*layers, -1)
+    return layers
 
 
 def cache_folder(config: TrainConfig) -> Path | None:
@@ -73,7 +124,8 @@ def cache_folder(config: TrainConfig) -> Path | None:
     return Path(config.output) / "source-cache" if config.cache == "auto" else Path(config.cache)
 
 
-def prepare_cache(config: TrainConfig, tokenizer, data: PreparedData, device: str) -> tuple[SourceStateCache, dict]:
+def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedData, device: str
+                  ) -> tuple[SourceStateCache, dict]:
     """Open the run's cache (refusing a stale one) and compute what it lacks. Returns (cache, stats)."""
     folder = cache_folder(config)
     assert folder is not None
@@ -81,27 +133,40 @@ def prepare_cache(config: TrainConfig, tokenizer, data: PreparedData, device: st
         for path in folder.glob("states-*.safetensors"):
             path.unlink()
         (folder / "manifest.json").unlink()
-    cache = SourceStateCache.open(folder, cache_fields(config, tokenizer))
-    rows = list(data.train["input_ids"]) + (list(data.validation["input_ids"]) if data.validation is not None else [])
+    cache = SourceStateCache.open(folder, cache_fields(config, tokenizers))
+    datasets = [data.train] + ([data.validation] if data.validation is not None else [])
+    rows = [ids for dataset in datasets for ids in dataset["input_ids"]]
     missing = cache.missing(rows)
     stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0}
     if missing:
         started = time.perf_counter()
-        # The states come from the composed model's own source_states() (layer choice, positions),
-        # with a randomly initialised target that is never run.
-        states_model = LLMModulesForCausalLM.compose(
-            config.source, load_model_config("target", config.target), tokenizer=tokenizer,
-            source_revision=config.source_revision, source_dtype=config.source_dtype, target_init="random",
-            **{name: getattr(config, name) for name in MODEL_OPTIONS},
-        ).to(device).eval()
+        source = load_causal_lm("source", config.source, config.source_revision, config.source_dtype).to(device).eval()
+        width = int(source.config.get_text_config().hidden_size)
+        fusion = config.topology == "fusion"
         tokens = sum(len(rows[i]) for i in missing)
-        width = states_model.source_hidden_size
-        gib = tokens * width * (4 if config.cache_dtype == "float32" else 2) / 2**30
+        layers = len(fusion_read_layers(config)) if fusion else 1
+        gib = tokens * width * layers * (4 if config.cache_dtype == "float32" else 2) / 2**30
         print(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, ~{gib:.2f} GiB) "
               f"into {folder}", file=sys.stderr)
-        cache.build([rows[i] for i in missing], states_model.source_states, batch_size=config.cache_batch_size,
-                    device=device, progress=config.progress)
-        del states_model
+        if fusion:
+            by_ids = {tuple(row["input_ids"]): row for dataset in datasets for row in dataset}
+            collate = CompositionCollator(tokenizers.main.pad_token_id)
+
+            def rows_fn(batch_ids: list[list[int]]) -> list[torch.Tensor]:
+                batch = collate([{k: v for k, v in by_ids[tuple(ids)].items() if k != "row"} for ids in batch_ids])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                return source_view_rows(source, batch, fusion_read_layers(config))
+
+            cache.build([rows[i] for i in missing], None, batch_size=config.cache_batch_size, device=device,
+                        progress=config.progress, rows_fn=rows_fn)
+        else:
+            def states_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                return read_source(source, ids, mask, positions, (config.source_layer,))[0]
+
+            cache.build([rows[i] for i in missing], states_fn, batch_size=config.cache_batch_size,
+                        device=device, progress=config.progress)
+        del source
         stats["seconds"] = round(time.perf_counter() - started, 2)
     stats["bytes"] = cache.size_bytes()
     return cache, stats
@@ -294,9 +359,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     dump_config(config, output / "train_config.yaml")
-    tokenizer = load_tokenizer(config.tokenizer or config.source, "tokenizer" if config.tokenizer else "source")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # as the paper: pad = eos (labels on padding are -100 anyway)
+    tokenizers = load_tokenizers(config)
+    tokenizer = tokenizers.main
     options = DataOptions(
         format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
         overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
@@ -306,14 +370,21 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     print(f"data: {data.report.summary()}", file=sys.stderr)
     (output / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
 
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    if config.topology == "fusion":  # what the source reads of each row, through its own tokenizer
+        processor = CompositionProcessor(tokenizer, tokenizers.source, config.memory)
+        data.train = add_source_alignment(data.train, processor)
+        data.validation = add_source_alignment(data.validation, processor) if data.validation is not None else None
+        pad = tokenizers.source.pad_token_id
+        collator = CompositionCollator(tokenizer.pad_token_id, source_pad_token_id=pad if pad is not None else 0)
     train_set, eval_set = data.train, data.validation
     cache_stats = None
     with_source = True
     if cache_folder(config) is not None:
-        cache, cache_stats = prepare_cache(config, tokenizer, data, device)
+        cache, cache_stats = prepare_cache(config, tokenizers, data, device)
         train_set = CachedStatesDataset(train_set, cache)
         eval_set = CachedStatesDataset(eval_set, cache) if eval_set is not None else None
-        with_source = config.head != "new"  # the source's head is part of the model for head=source/source_mix
+        with_source = reads_source_head(config)  # the source's head is part of the model for head=source/source_mix
     resume = config.resume
     if resume == "auto":
         resume = get_last_checkpoint(str(output))
@@ -323,7 +394,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         raise LLMModulesError(f"resume: {resume} is not a checkpoint folder")
 
     set_seed(config.seed)  # the connector's initialisation depends only on the seed, cached or not
-    model = compose_model(config, tokenizer, with_source=with_source)
+    model = compose_model(config, tokenizers, with_source=with_source)
     args = training_arguments(config, eval_set is not None, device)
     timer = StepTimer()
     all_callbacks: list[TrainerCallback] = [timer, *(callbacks or [])]
@@ -334,7 +405,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=all_callbacks,
         group_lrs={"connector": config.lr_connector, "target": config.lr_target},

@@ -279,6 +279,26 @@ def _shared_prompt_length(target_ends: list[int], prompt_chars: int) -> int:
     return sum(1 for end in target_ends if end <= prompt_chars)
 
 
+def shared_source_inputs(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """One tokenizer for both models, source tokens in the target's own columns: the source_* inputs without ids.
+
+    attention_mask: [B, T] (left or right padding). prompt_lengths: [B] real tokens the source reads
+    (``memory="prompt"``); None: it reads every token (``memory="sequence"``). Pass the source's states
+    (or ``source_input_ids`` = the target's ids) alongside.
+    """
+    valid = attention_mask.bool()
+    rank = valid.long().cumsum(-1) - 1  # [B, T] index among real tokens
+    source_valid = valid if prompt_lengths is None else valid & (rank < prompt_lengths[:, None])
+    reads = source_valid.long().sum(-1, keepdim=True)  # [B, 1]
+    return {
+        "source_attention_mask": source_valid.long(),
+        "source_position_ids": rank.clamp(min=0),
+        "source_groups": torch.full_like(rank, MAIN),
+        "source_counts": torch.minimum(rank + 1, reads).clamp(min=0) * valid,
+    }
+
+
 # --------------------------------------------------------------------------------------- masks
 def source_self_mask(source_attention_mask: torch.Tensor, source_groups: torch.Tensor,
                      source_counts_of_groups: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...errors import LLMModulesError
 from ...model.modeling import LLMModulesForCausalLM
+from ...model.processing import shared_source_inputs
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import QUESTION_FORMS, FactWorld
 
-KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge")
+KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge",
+         "fusion")
 BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim")
+FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
+                  "lora_rank")
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,11 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LLMModulesError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        unknown = set(self.bridge) - set(BRIDGE_OPTIONS)
+        valid = FUSION_OPTIONS if self.kind == "fusion" else BRIDGE_OPTIONS
+        unknown = set(self.bridge) - set(valid)
         if unknown:
             raise LLMModulesError(
-                f"method {self.name!r}: unknown bridge option(s) {sorted(unknown)}; valid: {', '.join(BRIDGE_OPTIONS)}"
+                f"method {self.name!r}: unknown {self.kind} option(s) {sorted(unknown)}; valid: {', '.join(valid)}"
             )
 
     @property
@@ -69,6 +74,16 @@ def bridge_spec(leaky: bool = False, target_init: str = "random", head: str = "n
     return MethodSpec(name, "bridge", options)
 
 
+def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str = "none", **extra: Any) -> MethodSpec:
+    """The fusion method named by its options: ``llm_modules_fusion_{memory}[_head_{head}][_train_{target}]``."""
+    name = f"llm_modules_fusion_{memory}"
+    if head != "target":
+        name += f"_head_{head}"
+    if train_target != "none":
+        name += f"_train_{train_target}"
+    return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
+
+
 def default_methods() -> list[MethodSpec]:
     """Every row issue 4 asks for, plus the bridge configurations that can read the source."""
     return [
@@ -85,6 +100,9 @@ def default_methods() -> list[MethodSpec]:
         bridge_spec(leaky=False, target_init="pretrained", head="source"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_mix"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_pointer"),
+        fusion_spec(memory="prompt"),  # the target keeps its embeddings, head and skills; reads the prompt's source
+        fusion_spec(memory="sequence"),
+        fusion_spec(memory="sequence", head="source_pointer"),
     ]
 
 
@@ -99,11 +117,11 @@ def method_from_mapping(values: dict | str) -> MethodSpec:
     values = dict(values)
     kind = values.pop("kind", "bridge")
     name = values.pop("name", None)
-    if kind == "bridge":
-        spec = bridge_spec(**values)
-        return MethodSpec(name, "bridge", spec.bridge) if name else spec
+    if kind in ("bridge", "fusion"):
+        spec = bridge_spec(**values) if kind == "bridge" else fusion_spec(**values)
+        return MethodSpec(name, kind, spec.bridge) if name else spec
     if values:
-        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge")
+        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge or fusion")
     return MethodSpec(name or kind, kind)
 
 
@@ -177,6 +195,11 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
     if spec.kind == "source_head":
         return FrozenSourceHead(bench.source, len(bench.tokenizer))
     options = dict(spec.bridge)
+    if spec.kind == "fusion":
+        return LLMModulesForCausalLM.compose(
+            bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, source_tokenizer=bench.tokenizer,
+            topology="fusion", attention_dropout=0.0, **{"fusion_every": 1, **options},
+        )
     target_init = options.pop("target_init", "pretrained")
     heads = options.pop("heads", 4)
     return LLMModulesForCausalLM.compose(
@@ -188,6 +211,8 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
 def count_parameters(spec: MethodSpec, model: nn.Module) -> tuple[int, int]:
     """(trainable, needed at inference). Frozen source weights count at inference when they run."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if spec.trains else 0
+    if spec.kind == "fusion":  # the source body runs (once per prompt, or along), its own head only for mixtures
+        return trainable, sum(p.numel() for p in model.parameters())
     if spec.kind == "bridge":
         embeddings = model.target.get_input_embeddings()  # never read by the bridge
         unused = embeddings.weight.numel() if embeddings is not None else 0
@@ -228,12 +253,19 @@ def ce_loss_fn(model: nn.Module, pad_id: int) -> Callable[[list[Example]], torch
 
 
 def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[list[Example]], torch.Tensor]:
-    """Cross-entropy of the composed model fed with cached source states (the source does not run)."""
+    """Cross-entropy of the composed model fed with cached source states (the source does not run).
+
+    Fusion reads the same states in the target's own columns (one tokenizer): all of them with sequence
+    memory, the prompt's with prompt memory."""
 
     def loss_fn(batch: list[Example]) -> torch.Tensor:
         tensors = collate(batch, bench.tokenizer.pad_token_id)
+        states, extra = bench.source_states(batch), {}
+        if model.config.topology == "fusion":
+            prompts = torch.tensor([e.prompt_length for e in batch]) if model.config.memory == "prompt" else None
+            states, extra = states[:, :, None], shared_source_inputs(tensors["attention_mask"], prompts)
         output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                       source_states=bench.source_states(batch))
+                       source_states=states, **extra)
         loss = lm_loss(output.logits, tensors["labels"])
         if output.head_logits is not None:  # a mixture head: its new head's own cross-entropy too (modeling.py)
             loss = loss + lm_loss(output.head_logits, tensors["labels"])
@@ -274,7 +306,7 @@ class MethodRun:
 
 
 def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> list[dict]:
-    if spec.kind == "bridge":
+    if spec.kind in ("bridge", "fusion"):
         groups = model.trainable_parameter_groups()
         return [{"params": groups["connector"], "lr": budget.lr, "name": "connector"},
                 {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
@@ -302,7 +334,7 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
         model.train()
         if spec.kind == "distill_kd":
             loss_fn = kd_loss_fn(model, bench.source, pad)
-        elif spec.kind == "bridge":
+        elif spec.kind in ("bridge", "fusion"):
             loss_fn = bridge_loss_fn(model, bench)
         else:
             loss_fn = ce_loss_fn(model, pad)

@@ -11,28 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from realpaths import GSM8K, QWEN_05B, REPO, SMOLLM2, needs_gsm8k, needs_models
 from transformers import AutoTokenizer
 
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.tiny import save_tiny, tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))
-SOURCE, TARGET = REAL / "qwen2.5-coder-0.5b-instruct", REAL / "smollm2-135m-instruct"
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (SOURCE.is_dir() and TARGET.is_dir()),
-                       reason=f"real models not built; run: python ../shared/tools/real-models.py --out {REAL}"),
-]
+SOURCE, TARGET = QWEN_05B, SMOLLM2
+pytestmark = [pytest.mark.slow, needs_models(SOURCE, TARGET)]
 
 CONVERSATION = [
     {"role": "user", "content": "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
@@ -94,7 +85,7 @@ def test_cached_generation_equals_recomputation_with_real_tokenizers(real_tokeni
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(recomputed.scores), rtol=0, atol=1e-4)
 
 
-@pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason=f"no GSM8K data in {GSM8K}")
+@needs_gsm8k()
 def test_real_pair_fusion_trains_with_the_cache_then_generates_and_evaluates(tmp_path, capsys):
     output = tmp_path / "run"
     code = main(["train", "--config", str(REPO / "examples" / "fusion-gsm8k-real.yaml"), "--source", str(SOURCE),

@@ -19,18 +19,17 @@ import torch
 from transformers import DynamicCache
 
 from .connector import ConnectorCache
+from .heads import PointerMemory
 from .masks import cross_attention_allowed
 
 
-@dataclass
-class BridgeCache:
+@dataclass(kw_only=True)
+class BridgeCache(PointerMemory):
     """Decoding state of the bridge: one cache per stage (+ the pointer head's past keys and states)."""
 
     source: DynamicCache | None
     connector: ConnectorCache
     target: DynamicCache
-    pointer_keys: torch.Tensor | None = None  # [B, T, POINTER_DIM]
-    pointer_states: torch.Tensor | None = None  # [B, T, d_s]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.connector.length()
@@ -40,16 +39,7 @@ class BridgeCache:
             if cache is not None:
                 cache.reorder_cache(beam_idx)
         self.connector.reorder(beam_idx)
-        if self.pointer_keys is not None:
-            self.pointer_keys = self.pointer_keys.index_select(0, beam_idx.to(self.pointer_keys.device))
-            self.pointer_states = self.pointer_states.index_select(0, beam_idx.to(self.pointer_states.device))
-
-    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' pointer keys/states; return all of them (past + new)."""
-        if self.pointer_keys is not None:
-            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
-        self.pointer_keys, self.pointer_states = keys, states
-        return keys, states
+        self.reorder_pointer(beam_idx)
 
 
 def bridge_forward(model, input_ids, attention_mask, position_ids, source_states, cache: BridgeCache | None,

@@ -30,6 +30,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import LLMModulesError
 from .connector import ConnectorCache, EnhancedCrossAttentionLayer
+from .heads import PointerMemory
 from .processing import MAIN, CompositionProcessor, SourceStream, cross_attention_from_counts, group_counts, source_self_mask
 from .source import read_source
 
@@ -128,8 +129,8 @@ class Fusion(nn.Module):
         return [float("nan") if b.last_gate is None else float(b.last_gate) for b in self.blocks]
 
 
-@dataclass
-class FusionCache:
+@dataclass(kw_only=True)
+class FusionCache(PointerMemory):
     """Decoding state of a fusion model.
 
     target: the target's own KV cache. blocks: per-block source keys/values of every source slot.
@@ -144,8 +145,6 @@ class FusionCache:
     slot_positions: torch.Tensor | None = None  # [B, S] position of each slot in the source's sequence
     stream: SourceStream | None = None
     states: torch.Tensor | None = None
-    pointer_keys: torch.Tensor | None = None
-    pointer_states: torch.Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.target.get_seq_length()
@@ -155,18 +154,13 @@ class FusionCache:
             if cache is not None:
                 cache.reorder_cache(beam_idx)
         self.blocks.reorder(beam_idx)
-        for name in ("slot_valid", "slot_positions", "states", "pointer_keys", "pointer_states"):
+        self.reorder_pointer(beam_idx)
+        for name in ("slot_valid", "slot_positions", "states"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, beam_idx.to(value.device)))
         if self.stream is not None:
             self.stream.reorder(beam_idx.tolist())
-
-    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pointer_keys is not None:
-            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
-        self.pointer_keys, self.pointer_states = keys, states
-        return keys, states
 
 
 @dataclass

@@ -16,6 +16,7 @@ Mixture heads read the source's vocabulary, so they need one tokenizer for both 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,6 +24,27 @@ from torch import nn
 MIX_FLOOR = 0.05  # every path of a mixture keeps at least this weight
 POINTER_DIM = 64  # query/key width of the pointer attention
 MIXTURE_HEADS = ("source_mix", "source_pointer")
+
+
+@dataclass
+class PointerMemory:
+    """The pointer head's past during decoding: projected keys [B, T, POINTER_DIM] and source states [B, T, d_s].
+    Both topologies' caches carry it."""
+
+    pointer_keys: torch.Tensor | None = None
+    pointer_states: torch.Tensor | None = None
+
+    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' pointer keys/states; return all of them (past + new)."""
+        if self.pointer_keys is not None:
+            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
+        self.pointer_keys, self.pointer_states = keys, states
+        return keys, states
+
+    def reorder_pointer(self, beam_idx: torch.Tensor) -> None:
+        if self.pointer_keys is not None:
+            self.pointer_keys = self.pointer_keys.index_select(0, beam_idx.to(self.pointer_keys.device))
+            self.pointer_states = self.pointer_states.index_select(0, beam_idx.to(self.pointer_states.device))
 
 
 class SourceMixture(nn.Module):

@@ -139,24 +139,32 @@ def fusion_train_inputs(config: str, plan: Plan, model: LLMModulesForCausalLM, i
 
 # ------------------------------------------------------------------------------------------- the run
 def fusion_headline(decode: list[DecodeRow], train: list[TrainRow]) -> dict:
+    """Decode ratios per token after the prompt (what decoding costs: the source has read the prompt), and
+    end to end (the source's encoding of the prompt included: a fixed cost per request)."""
     def pick(method: str) -> DecodeRow | None:
         rows = [r for r in decode if r.method == method and r.batch == 1]
         return min(rows, key=lambda r: r.new_tokens) if rows else None
+
+    def per_step(fast: DecodeRow | None, slow: DecodeRow | None) -> float | None:
+        ok = fast and slow and fast.decode_step_s and slow.decode_step_s
+        return ratio(slow.decode_step_s, fast.decode_step_s) if ok else None
+
+    def end_to_end(fast: DecodeRow | None, slow: DecodeRow | None) -> float | None:
+        return ratio(fast.tokens_per_s, slow.tokens_per_s) if fast and slow else None
 
     fusion, source, target = pick("fusion_prompt_cached"), pick("source_generate"), pick("target_generate")
     by_name = {row.config: row for row in train}
     cached, uncached, alone = (by_name.get(n) for n in ("fusion_with_cache", "fusion_without_cache", "target_only"))
     return {
-        "fusion_decode_speedup_vs_source_generate": ratio(fusion.tokens_per_s, source.tokens_per_s)
-        if fusion and source else None,
-        "fusion_decode_vs_target_alone": ratio(fusion.tokens_per_s, target.tokens_per_s) if fusion and target else None,
+        "fusion_decode_speedup_vs_source_generate": per_step(fusion, source),
+        "fusion_decode_vs_target_alone": per_step(fusion, target),
         "fusion_train_speedup_with_cache": ratio(uncached.step_s, cached.step_s) if cached and uncached else None,
         "fusion_train_peak_memory_vs_target_only": ratio(cached.peak_memory_bytes, alone.peak_memory_bytes)
         if cached and alone else None,
-        # per decode step after the prompt (the source's prefill left out): the cross-attention's own cost
-        "fusion_decode_step_vs_target_step": ratio(target.decode_step_s, fusion.decode_step_s)
-        if fusion and target and fusion.decode_step_s and target.decode_step_s else None,
+        "fusion_end_to_end_speedup_vs_source_generate": end_to_end(fusion, source),
+        "fusion_end_to_end_vs_target_alone": end_to_end(fusion, target),
         "fusion_prefill_s": fusion.prefill_s if fusion else None,
+        "target_prefill_s": target.prefill_s if target else None,
     }
 
 

@@ -562,6 +562,7 @@ class PaddingCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    keep_rows: bool = False  # also return "rows": each example's file:row (named when its loss is NaN)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
@@ -585,4 +586,6 @@ class PaddingCollator:
         out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if states is not None:
             out["source_states"] = states
+        if self.keep_rows:
+            out["rows"] = [str(f.get("row", "?")) for f in features]
         return out

@@ -80,6 +80,9 @@ def _looks_local(name: str) -> bool:
 
 def _load_error(role: str, name: object, error: Exception) -> LLMModulesError:
     text = str(name)
+    if "trust_remote_code" in str(error) and not _REMOTE_CODE.get():
+        return LLMModulesError(f"the {role} model {_describe(name)} ships its own Python code, which llm-modules does not "
+                               "run unless asked: read that code, then set the run option trust_remote_code: true")
     if _looks_local(text) and not Path(text).expanduser().exists():
         hint = f"the folder {text} does not exist; give an existing folder holding config.json and weights"
     elif Path(text).expanduser().is_dir() and not (Path(text).expanduser() / "config.json").exists():

@@ -71,3 +71,14 @@ def test_two_process_ddp_matches_one_process_and_builds_the_same_cache(config, t
     # One process wrote the final model; its weights match the single-process run's.
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples" / "accelerate").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load_and_name_their_command(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value in ("MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
+    first = path.read_text().splitlines()[0]
+    assert first.startswith(f"# accelerate launch --config_file examples/accelerate/{path.name} -m llm_modules.cli train")

@@ -187,7 +187,7 @@ class SourceStateCache:
             self.shards.update(stored["shards"])
         damaged = []
         for shard, record in sorted(self.shards.items()):
-            problem = self._shard_problem(shard, record)
+            problem = shard_problem(self.folder / shard, record)
             if problem:
                 damaged.append(shard)
                 log(f"source-state cache: {self.folder / shard} {problem}; deleting it, its rows will be recomputed")
@@ -201,20 +201,6 @@ class SourceStateCache:
             if path.name != MANIFEST and is_cache_file(path) and path.name not in self.shards:
                 path.unlink()
         return damaged
-
-    def _shard_problem(self, shard: str, record: dict) -> str | None:
-        path = self.folder / shard
-        if not path.is_file():
-            return "is missing"
-        if path.stat().st_size != record["bytes"]:
-            return f"has {path.stat().st_size} bytes, its manifest says {record['bytes']} (truncated or overwritten)"
-        try:
-            check_safetensors(path)
-        except LLMModulesError as error:
-            return f"is damaged ({error.__cause__})"
-        if file_sha256(path) != record["sha256"]:
-            return "does not match the sha256 its manifest recorded (damaged)"
-        return None
 
     def _manifest(self, entries: dict | None = None, shards: dict | None = None) -> dict:
         return {"version": VERSION, "fields": asdict(self.fields),
@@ -337,6 +323,21 @@ def _batch_states(states_fn: StatesFn, examples: list[list[int]], device: str | 
         mask[row, : len(example)] = 1
     states = states_fn(ids.to(device), mask.to(device))
     return [states[row, : len(example)] for row, example in enumerate(examples)]
+
+
+def shard_problem(path: Path, record: dict) -> str | None:
+    """What is wrong with a shard file, given its manifest record {"bytes", "sha256"}; None when it is whole."""
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size != record["bytes"]:
+        return f"has {path.stat().st_size} bytes, its manifest says {record['bytes']} (truncated or overwritten)"
+    try:
+        check_safetensors(path)
+    except LLMModulesError as error:
+        return f"is damaged ({error.__cause__})"
+    if file_sha256(path) != record["sha256"]:
+        return "does not match the sha256 its manifest recorded (damaged)"
+    return None
 
 
 def is_cache_file(path: Path) -> bool:

@@ -14,6 +14,7 @@ the skip is counted with its step and rows for ``train_results.json``.
 from __future__ import annotations
 
 import torch
+from accelerate.utils import gather_object
 
 from ..errors import LLMModulesError
 from .checkpoints import last_good_checkpoint
@@ -45,7 +46,10 @@ class NonFiniteLossGuard:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if bad.item() == 0:
             return result
-        where = {"step": step, "micro_batch": micro, "loss": float(loss.detach()), "rows": list(rows or [])}
+        rows = list(rows or [])
+        if self.accelerator.num_processes > 1:  # every rank is here (the flag was all-reduced): name all their rows
+            rows = gather_object(rows)
+        where = {"step": step, "micro_batch": micro, "loss": float(loss.detach()), "rows": rows}
         if self.nonfinite_policy == "stop":
             checkpoint = last_good_checkpoint(self.args.output_dir)
             value = "NaN or inf on another rank" if torch.isfinite(loss.detach()) else str(float(loss.detach()))

@@ -38,8 +38,11 @@ lines = st.one_of(
 )
 
 
-def read(path: Path, tokenizer, **options) -> tuple[list[dict], DataReport, DataError | None]:
-    """build_examples' examples and report; a data-level DataError (e.g. no usable row) is returned, not raised."""
+def read(path: Path, tokenizer, batch: list[bytes] | None = None, **options
+         ) -> tuple[list[dict], DataReport, DataError | None]:
+    """build_examples' examples and report (of ``batch`` written as ``path`` when given); a DataError is returned."""
+    if batch is not None:
+        path.write_bytes(b"\n".join(batch) + b"\n")
     report = DataReport()
     try:
         examples, _ = build_examples(path, tokenizer, DataOptions(max_length=128, **options), report)
@@ -75,19 +78,17 @@ def test_1000_generated_malformed_records_are_each_skipped_with_their_named_reas
 @given(st.lists(lines, min_size=1, max_size=12))
 def test_random_lines_are_used_or_skipped_with_a_named_reason(tmp_path, tokenizer, batch):
     path = tmp_path / "random.jsonl"
-    path.write_bytes(b"\n".join(batch) + b"\n")
-    examples, report, error = read(path, tokenizer, on_bad_row="skip")
+    examples, report, error = read(path, tokenizer, batch, on_bad_row="skip")
     assert_every_row_accounted(path, len(batch), examples, report)
     if error is not None:  # nothing usable: one named error about the whole file
-        assert not examples and "no usable rows" in str(error) or "max_length" in str(error)
+        assert not examples and ("no usable rows" in str(error) or "max_length" in str(error))
 
 
 @SETTINGS
 @given(st.lists(lines, min_size=1, max_size=6))
 def test_with_on_bad_row_error_a_bad_row_is_named_by_file_and_line(tmp_path, tokenizer, batch):
     path = tmp_path / "random.jsonl"
-    path.write_bytes(b"\n".join(batch) + b"\n")
-    examples, report, error = read(path, tokenizer, on_bad_row="error")
+    examples, report, error = read(path, tokenizer, batch, on_bad_row="error")
     if error is not None and "no usable rows" not in str(error) and "over max_length" not in str(error):
         assert str(error).startswith(f"{path}:") and not examples
         line = int(str(error)[len(str(path)) + 1:].split(",")[0].split(":")[0])

@@ -8,10 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import json
+
 import pytest
 import torch
 
 from llm_modules.tiny import build_tokenizer, save_tiny, tiny_model
+from llm_modules.training.config import TrainConfig
 
 torch.set_num_threads(2)
 
@@ -35,3 +38,31 @@ def model_folder(tmp_path_factory, tokenizer):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gsm_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
+    with path.open("w") as handle:
+        for i in range(24):
+            handle.write(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}) + "\n")
+    return path
+
+
+@pytest.fixture
+def config(model_folder, gsm_file, tmp_path):
+    """make(**changes) -> a TrainConfig for a tiny run (qwen2 source, gpt_neo target, 24 GSM8K-style rows)."""
+    def make(**changes) -> TrainConfig:
+        values = dict(
+            source=model_folder("qwen2", hidden=48), target=model_folder("gpt_neo"), data=str(gsm_file),
+            output=str(tmp_path / "run"), heads=4, adapter_dim=16, max_steps=6, batch_size=4, validation=0.0,
+            logging_steps=1, report_to=["none"], progress=False, save_steps=3, seed=7,
+        )
+        values.update(changes)
+        return TrainConfig(**values)
+
+    return make
+
+
+def losses(result) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in result.log_history if "loss" in e}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,6 +19,9 @@ from typing import Any
 import yaml
 
 from ..errors import LLMModulesError
+from .cache import DTYPES
+from .data import FORMATS, LOCAL_SUFFIXES, LOSS_ON, OVERLENGTH, TEMPLATES
+from .nonfinite import POLICIES
 
 
 @dataclass
@@ -72,6 +76,7 @@ class TrainConfig:
     cache: str | None = None  # folder; "auto" = OUTPUT/source-cache; null = run the source every step
     cache_dtype: str = "float16"  # float16 | bfloat16 | float32
     cache_batch_size: int = 8
+    cache_shard_mb: float = 1024.0  # a shard is written (atomically) once this many MiB of states are pending
     rebuild_cache: bool = False
     # --- optimisation
     epochs: float = 1.0  # [paper: 15]
@@ -89,6 +94,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 > fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     seed: int = 42
+    on_nonfinite_loss: str = "stop"  # stop (name step, rows, last good checkpoint) | skip (counted in train_results.json)
     # --- evaluation, checkpoints, logging
     eval_steps: int | None = None  # None: once per epoch
     save_steps: int | None = None  # None: once per epoch (= eval_steps when early stopping)
@@ -101,6 +107,7 @@ class TrainConfig:
     progress: bool = True
     dataloader_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False  # run Python code shipped with a hub model (off unless asked for)
 
     def __post_init__(self) -> None:
         # "~/..." works in YAML files and quoted arguments too (hub ids never start with "~").
@@ -236,3 +243,123 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------- validation
+CHOICES = {
+    "format": ("auto", *FORMATS),
+    "template": TEMPLATES,
+    "loss_on": LOSS_ON,
+    "overlength": OVERLENGTH,
+    "on_bad_row": ("error", "skip"),
+    "on_nonfinite_loss": POLICIES,
+    "target_init": ("pretrained", "random"),
+    "cache_dtype": tuple(DTYPES),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+}
+AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_length": 2, "cache_batch_size": 1, "logging_steps": 1,
+            "epochs": 0, "validation": 0, "lr_connector": 0, "lr_target": 0, "weight_decay": 0, "warmup": 0,
+            "dataloader_workers": 0, "save_steps": 1, "eval_steps": 1, "save_total_limit": 1, "limit": 1,
+            "early_stopping_patience": 1, "connector_layers": 1, "heads": 1, "adapter_dim": 1}
+REVISION = re.compile(r"[A-Za-z0-9][\w.\-/]*")
+SPLIT = re.compile(r"[A-Za-z0-9_][\w.\-\[\]:%+]*")
+NO_CACHE = (None, "", "none", "off")
+
+
+def _is_hub_id(value: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1 or Path(value).exists()
+
+
+def _model_problem(name: str, value: str) -> str | None:
+    """A model/tokenizer reference must be an existing folder holding config.json or a valid hub id."""
+    path = Path(value).expanduser()
+    if path.exists() or _looks_like_path(value):
+        if not path.is_dir():
+            return f"{name}: {value} is not an existing folder (give a model folder or a hub id owner/name)"
+        wanted = ("tokenizer.json", "tokenizer_config.json") if name == "tokenizer" else ("config.json",)
+        if not any((path / w).is_file() for w in wanted):
+            return f"{name}: the folder {value} holds no {' or '.join(wanted)}; is it a saved model?"
+        return None
+    if not _is_hub_id(value):
+        return f"{name}: {value!r} is neither an existing folder nor a valid hub id (owner/name)"
+    return None
+
+
+def _data_problem(name: str, value: str) -> str | None:
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return f"{name}: {value} is a folder; give one .jsonl/.json/.parquet file or a hub dataset name owner/name"
+    if path.is_file():
+        return None if path.suffix.lower() in LOCAL_SUFFIXES else \
+            f"{name}: {value} has an unsupported type {path.suffix!r}; use .jsonl, .json or .parquet"
+    if path.suffix.lower() in LOCAL_SUFFIXES or _looks_like_path(value) or value.count("/") != 1 or not _is_hub_id(value):
+        return f"{name}: {value} does not exist (give a .jsonl/.json/.parquet file or a hub dataset name owner/name)"
+    return None
+
+
+def _folder_problem(name: str, value: str, models: dict[str, Path]) -> str | None:
+    """An output/cache folder must be a folder (or creatable) and must not be a model folder it would overwrite."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{name}: {value} exists and is not a folder"
+    for role, folder in models.items():
+        if path.resolve() == folder:
+            return f"{name}: {value} is the {role} model's folder; writing there would overwrite it. Give another folder"
+    parent = next((p for p in [path.resolve(), *path.resolve().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        return f"{name}: {parent} is not writable"
+    return None
+
+
+def validate(config: TrainConfig) -> None:
+    """Check the paths, names and values of a run config before anything runs; every problem in one error."""
+    problems = [f"missing option --{name} (or set it in the YAML file given with --config)"
+                for name in ("source", "target", "data") if not getattr(config, name)]
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            problems.append(f"{name}: {getattr(config, name)!r} is not one of {', '.join(choices)}")
+    for name, least in AT_LEAST.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            problems.append(f"{name}: must be >= {least}, got {value}")
+    if config.cache_shard_mb <= 0:
+        problems.append(f"cache_shard_mb: must be > 0, got {config.cache_shard_mb}")
+    if config.max_steps <= 0 and config.epochs <= 0:
+        problems.append("set epochs > 0 or max_steps > 0")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+        problems.append(f"device: {config.device!r} is not auto, cpu, cuda or cuda:N")
+    for name in ("source", "target", "tokenizer"):
+        value = getattr(config, name)
+        if value and (problem := _model_problem(name, str(value))):
+            problems.append(problem)
+    for name in ("data", "validation_data"):
+        value = getattr(config, name)
+        if value and (problem := _data_problem(name, str(value))):
+            problems.append(problem)
+    if config.source_revision is not None and (not REVISION.fullmatch(config.source_revision) or ".." in config.source_revision):
+        problems.append(f"source_revision: {config.source_revision!r} is not a branch, tag or commit name")
+    if not SPLIT.fullmatch(config.dataset_split):
+        problems.append(f"dataset_split: {config.dataset_split!r} is not a split name such as train or train[:10%]")
+    models = {name: Path(str(getattr(config, name))).expanduser().resolve() for name in ("source", "target", "tokenizer")
+              if getattr(config, name) and Path(str(getattr(config, name))).expanduser().is_dir()}
+    if problem := _folder_problem("output", config.output, models):
+        problems.append(problem)
+    if config.cache not in NO_CACHE and config.cache != "auto":
+        if problem := _folder_problem("cache", config.cache, models):
+            problems.append(problem)
+        elif Path(config.cache).expanduser().resolve() == Path(config.output).expanduser().resolve():
+            problems.append("cache: is the output folder; use cache: auto (OUTPUT/source-cache) or another folder")
+    if config.resume not in (None, "auto") and not Path(config.resume).expanduser().is_dir():
+        problems.append(f"resume: {config.resume} is not a checkpoint folder (or use resume: auto)")
+    if problems:
+        raise LLMModulesError(f"{len(problems)} problem(s) in the run config: " + "; ".join(problems))

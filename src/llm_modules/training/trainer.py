@@ -19,21 +19,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..model.fusion import source_view_rows
 from ..model.loading import load_causal_lm
 from ..model.processing import CompositionProcessor
 from ..model.source import read_source
 from .alignment import CompositionCollator, add_source_alignment
-from .cache import CachedStatesDataset, CacheFields, SourceStateCache, tokenizer_fingerprint, weights_fingerprint
+from .cache import CachedStatesDataset, CacheFields, SourceStateCache, is_cache_file, tokenizer_fingerprint, weights_fingerprint
+from .checkpoints import SealedCheckpoints, last_good_checkpoint, verify
+from .nonfinite import NonFiniteLossGuard
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
 from ..errors import LLMModulesError
 from ..model.loading import load_config as load_model_config
 from ..model.loading import load_tokenizer
 from ..model.modeling import LLMModulesForCausalLM
-from .config import TrainConfig, config_from_argv, dump_config
+from ..model.loading import allow_remote_code
+from .atomic import atomic_write_json
+from .config import TrainConfig, config_from_argv, dump_config, validate
 
 MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
                  "attention_dropout", "source_layer")
@@ -124,20 +128,34 @@ def cache_folder(config: TrainConfig) -> Path | None:
     return Path(config.output) / "source-cache" if config.cache == "auto" else Path(config.cache)
 
 
-def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedData, device: str
+def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedData, state: PartialState
                   ) -> tuple[SourceStateCache, dict]:
-    """Open the run's cache (refusing a stale one) and compute what it lacks. Returns (cache, stats)."""
+    """Open the run's cache (refusing a stale one), repair it, and compute what it lacks. Returns (cache, stats).
+
+    Under DDP every rank computes its own batches into its own shards; the main rank then merges
+    the shards' lists into the manifest, and every rank reads the whole cache.
+    """
     folder = cache_folder(config)
     assert folder is not None
-    if config.rebuild_cache and (folder / "manifest.json").exists():
-        for path in folder.glob("states-*.safetensors"):
-            path.unlink()
-        (folder / "manifest.json").unlink()
-    cache = SourceStateCache.open(folder, cache_fields(config, tokenizers))
+    device = state.device
+    fields = cache_fields(config, tokenizers)
+    if config.rebuild_cache and state.is_main_process and folder.is_dir():
+        for path in folder.iterdir():
+            if is_cache_file(path):
+                path.unlink()
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)  # every rank: a stale cache is refused everywhere alike
+    if state.is_main_process:
+        cache.consolidate(log=_stderr)  # what a killed build left behind; damaged shards are dropped
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)
     datasets = [data.train] + ([data.validation] if data.validation is not None else [])
     rows = [ids for dataset in datasets for ids in dataset["input_ids"]]
     missing = cache.missing(rows)
-    stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0}
+    stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0,
+             "ranks": state.num_processes}
+    shards = dict(batch_size=config.cache_batch_size, shard_bytes=int(config.cache_shard_mb * 2**20), device=device,
+                  progress=config.progress, rank=state.process_index, world_size=state.num_processes)
     if missing:
         started = time.perf_counter()
         source = load_causal_lm("source", config.source, config.source_revision, config.source_dtype).to(device).eval()
@@ -146,8 +164,9 @@ def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedDat
         tokens = sum(len(rows[i]) for i in missing)
         layers = len(fusion_read_layers(config)) if fusion else 1
         gib = tokens * width * layers * (4 if config.cache_dtype == "float32" else 2) / 2**30
-        print(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, ~{gib:.2f} GiB) "
-              f"into {folder}", file=sys.stderr)
+        if state.is_main_process:
+            _stderr(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, "
+                    f"~{gib:.2f} GiB) into {folder} on {state.num_processes} process(es)")
         if fusion:
             by_ids = {tuple(row["input_ids"]): row for dataset in datasets for row in dataset}
             collate = CompositionCollator(tokenizers.main.pad_token_id)
@@ -157,19 +176,29 @@ def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedDat
                 batch = {k: v.to(device) for k, v in batch.items()}
                 return source_view_rows(source, batch, fusion_read_layers(config))
 
-            cache.build([rows[i] for i in missing], None, batch_size=config.cache_batch_size, device=device,
-                        progress=config.progress, rows_fn=rows_fn)
+            cache.build(rows, None, rows_fn=rows_fn, **shards)
         else:
             def states_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 return read_source(source, ids, mask, positions, (config.source_layer,))[0]
 
-            cache.build([rows[i] for i in missing], states_fn, batch_size=config.cache_batch_size,
-                        device=device, progress=config.progress)
+            cache.build(rows, states_fn, **shards)
         del source
         stats["seconds"] = round(time.perf_counter() - started, 2)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        cache.consolidate(log=_stderr)
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)
+    if not cache.covers(rows):
+        raise LLMModulesError(f"the source-state cache in {folder} still lacks {len(cache.missing(rows))} rows after "
+                              "building them (another machine's shards not visible here? a shard damaged meanwhile?)")
     stats["bytes"] = cache.size_bytes()
     return cache, stats
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -193,12 +222,14 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
-class ComposedTrainer(Trainer):
-    """``Trainer`` with named learning rates per parameter group (connector vs target)."""
+class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
+    """``Trainer`` with named learning rates per parameter group (connector vs target), sealed (crash-safe)
+    checkpoints and a policy for NaN/inf losses (nonfinite.py)."""
 
-    def __init__(self, *args, group_lrs: dict[str, float], **kwargs) -> None:
+    def __init__(self, *args, group_lrs: dict[str, float], nonfinite_policy: str = "stop", **kwargs) -> None:
         super().__init__(*args, compute_loss_func=token_mean_loss, **kwargs)
         self.group_lrs = group_lrs
+        self.nonfinite_policy = nonfinite_policy
         self._loss_shifts_labels = True  # count num_items_in_batch over labels[:, 1:], as token_mean_loss does
         self.model_accepts_loss_kwargs = False  # forward(**kwargs) ignores num_items_in_batch
 
@@ -338,14 +369,8 @@ class TrainResult:
 
 
 def check_config(config: TrainConfig) -> None:
-    missing = [name for name in ("source", "target", "data") if not getattr(config, name)]
-    if missing:
-        raise LLMModulesError(f"missing option(s): {', '.join('--' + m for m in missing)} "
-                              "(or set them in the YAML file given with --config)")
-    if config.batch_size < 1 or config.grad_accum < 1:
-        raise LLMModulesError("batch_size and grad_accum must be >= 1")
-    if config.max_steps <= 0 and config.epochs <= 0:
-        raise LLMModulesError("set epochs > 0 or max_steps > 0")
+    """Paths, names and values of the run config, all checked before anything loads (config.validate)."""
+    validate(config)
 
 
 def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
@@ -356,10 +381,16 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     """
     check_config(config)
     device = _device(config)
+    # Under `accelerate launch` / `torchrun` this joins the process group (gloo on CPU, nccl on GPU);
+    # TrainingArguments below reuses the same state.
+    state = PartialState(cpu=device == "cpu")
+    main = state.is_main_process
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    dump_config(config, output / "train_config.yaml")
-    tokenizers = load_tokenizers(config)
+    if main:
+        dump_config(config, output / "train_config.yaml")
+    with allow_remote_code(config.trust_remote_code):
+        tokenizers = load_tokenizers(config)
     tokenizer = tokenizers.main
     options = DataOptions(
         format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
@@ -367,34 +398,42 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
     )
     data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
-    print(f"data: {data.report.summary()}", file=sys.stderr)
-    (output / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+    if main:
+        print(f"data: {data.report.summary()}", file=sys.stderr)
+        atomic_write_json(output / "data_report.json", data.report.to_dict())
 
-    collator = PaddingCollator(tokenizer.pad_token_id)
+    collator = PaddingCollator(tokenizer.pad_token_id, keep_rows=True)
     if config.topology == "fusion":  # what the source reads of each row, through its own tokenizer
         processor = CompositionProcessor(tokenizer, tokenizers.source, config.memory)
         data.train = add_source_alignment(data.train, processor)
         data.validation = add_source_alignment(data.validation, processor) if data.validation is not None else None
         pad = tokenizers.source.pad_token_id
-        collator = CompositionCollator(tokenizer.pad_token_id, source_pad_token_id=pad if pad is not None else 0)
+        collator = CompositionCollator(tokenizer.pad_token_id, source_pad_token_id=pad if pad is not None else 0,
+                                       keep_rows=True)
     train_set, eval_set = data.train, data.validation
     cache_stats = None
     with_source = True
     if cache_folder(config) is not None:
-        cache, cache_stats = prepare_cache(config, tokenizers, data, device)
+        with allow_remote_code(config.trust_remote_code):
+            cache, cache_stats = prepare_cache(config, tokenizers, data, state)
         train_set = CachedStatesDataset(train_set, cache)
         eval_set = CachedStatesDataset(eval_set, cache) if eval_set is not None else None
         with_source = reads_source_head(config)  # the source's head is part of the model for head=source/source_mix
     resume = config.resume
     if resume == "auto":
-        resume = get_last_checkpoint(str(output))
+        resume = last_good_checkpoint(output, log=_stderr if main else None)
         if resume is None:
-            raise LLMModulesError(f"resume: auto found no checkpoint-* folder in {output}")
-    elif resume is not None and not Path(resume).is_dir():
-        raise LLMModulesError(f"resume: {resume} is not a checkpoint folder")
+            raise LLMModulesError(f"resume: auto found no complete checkpoint-* folder in {output}; "
+                                  "start again without resume")
+        resume = str(resume)
+    elif resume is not None:
+        verify(resume)  # names the damaged or missing file; an unsealed (incomplete) checkpoint is refused
+    if resume is not None and main:
+        _stderr(f"resuming from {resume} (seal verified)")
 
     set_seed(config.seed)  # the connector's initialisation depends only on the seed, cached or not
-    model = compose_model(config, tokenizers, with_source=with_source)
+    with allow_remote_code(config.trust_remote_code):
+        model = compose_model(config, tokenizers, with_source=with_source)
     args = training_arguments(config, eval_set is not None, device)
     timer = StepTimer()
     all_callbacks: list[TrainerCallback] = [timer, *(callbacks or [])]
@@ -409,6 +448,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         processing_class=tokenizer,
         callbacks=all_callbacks,
         group_lrs={"connector": config.lr_connector, "target": config.lr_target},
+        nonfinite_policy=config.on_nonfinite_loss,
     )
     outcome = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output))
@@ -434,9 +474,13 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         "cache": cache_stats,
         "source_loaded": with_source,
         "device": device,
+        "processes": state.num_processes,
+        "nonfinite_loss": {"policy": config.on_nonfinite_loss, "skipped_batches": len(trainer.nonfinite_skips),
+                           "skipped": trainer.nonfinite_skips[:50]},
     }
-    (output / "train_results.json").write_text(json.dumps(results, indent=2, default=str))
-    plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
+    if main:
+        atomic_write_json(output / "train_results.json", results)
+        plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
     return TrainResult(output, metrics, list(trainer.state.log_history), timer.times, model, trainer)
 
 

@@ -41,6 +41,7 @@ from .fusion import Fusion, FusionCache, decoder_layers, default_fusion_layers, 
 from .heads import MIXTURE_HEADS, SourceMixture
 from .loading import (
     ModelLike,
+    check_safetensors,
     config_from_dict,
     load_causal_lm,
     load_config,
@@ -572,6 +573,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             body = load_target_body(target_config, "random")
         model = cls(config, source=source_model, target=body, tokenizer=tokenizer, source_tokenizer=source_tokenizer)
+        check_safetensors(weights_file)  # a damaged or truncated file is named, never half-loaded
         state = load_file(weights_file)
         expected = set(model.trainable_state_dict())
         missing = sorted(expected - set(state))

@@ -336,3 +336,38 @@ def test_bases_round_trip_a_real_models_hidden_states():
     print(f"\nround trip cosine over {cosines.numel()} states of 24 layers: min {cosines.min():.4f}, "
           f"mean {cosines.mean():.4f}")
     assert cosines.min() >= 0.9
+
+
+# ---------------------------------------------------------------------------------- fact world
+@pytest.fixture(scope="module")
+def world_bench():
+    from llm_modules.evaluation.factworld.lm import build_world_tokenizer
+    from llm_modules.evaluation.factworld.methods import Workbench
+    from llm_modules.evaluation.factworld.models import pretrain_source, pretrain_target
+    from llm_modules.evaluation.factworld.world import build_world
+
+    world = build_world(entities=8, relations=4, background_entities=4, transfer_fraction=0.25, seed=0)
+    tokenizer = build_world_tokenizer(world)
+    source, _ = pretrain_source(world, tokenizer, hidden=64, layers=4, heads=4, steps=40, progress=False)
+    target, _ = pretrain_target(world, tokenizer, hidden=32, layers=2, heads=2, steps=20, progress=False)
+    return Workbench(world, tokenizer, source, target)
+
+
+def test_semalign_is_a_fact_world_method_with_its_own_options(world_bench):
+    from llm_modules.evaluation.factworld.methods import Budget, method_from_mapping, run_method
+
+    assert method_from_mapping({"kind": "semalign"}).name == "semalign"
+    spec = method_from_mapping({"kind": "semalign", "version": "v2", "mode": "layers"})
+    assert spec.name == "semalign_v2_layers" and spec.kind == "semalign"
+    with pytest.raises(LLMModulesError, match="unknown semalign option"):
+        method_from_mapping({"kind": "semalign", "gate": "tanh"})
+    budget = Budget(steps=6, batch_size=8, eval_every=3, validation_facts=4)
+    before = {n: p.clone() for n, p in world_bench.target.named_parameters()}
+    lora = run_method(method_from_mapping({"kind": "semalign"}), world_bench, budget, seed=0, progress=False)
+    layers = run_method(spec, world_bench, budget, seed=0, progress=False)
+    total = sum(p.numel() for p in world_bench.target.parameters())
+    assert 0 < lora.trainable_params < total  # LoRA r16 on GPT-Neo's c_fc/c_proj/v_proj/out_proj
+    assert 0 < layers.trainable_params < total  # both blocks, not the embeddings or the head
+    assert lora.train.steps_run == 6 and all(torch.isfinite(torch.tensor(lora.train.losses)))
+    assert 0 <= lora.scores.accuracy <= 1 and 0 <= layers.scores.accuracy <= 1
+    assert all(torch.equal(p, before[n]) for n, p in world_bench.target.named_parameters())  # the shared target is untouched

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ...errors import LLMModulesError
 from ..config import _convert
@@ -75,18 +75,16 @@ class SemAlignOptions:
 def options_from_mapping(values: dict | None, where: str = "semalign") -> SemAlignOptions:
     """SemAlignOptions from a mapping (YAML section or ``--semalign.KEY`` strings); unknown keys are errors."""
     hints = typing.get_type_hints(SemAlignOptions)
-    names = [f.name for f in fields(SemAlignOptions)]
-    updates = {}
-    for raw_key, value in (values or {}).items():
-        key = str(raw_key).replace("-", "_")
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
-            raise LLMModulesError(f"{where}: unknown option {raw_key!r}; {hint}")
-        hint = hints[key]
-        if typing.get_origin(hint) is list and typing.get_args(hint)[0] is int:
+    values = {str(k).replace("-", "_"): v for k, v in (values or {}).items()}
+    for key in values.keys() - hints.keys():
+        close = difflib.get_close_matches(key, list(hints), n=3)
+        raise LLMModulesError(f"{where}: unknown option {key!r}; "
+                              + (f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(hints)}"))
+
+    def convert(key: str, value):
+        if typing.get_origin(hints[key]) is list and typing.get_args(hints[key])[0] is int:
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-            updates[key] = [_convert(f"{where}.{key}", item, int) for item in items]
-        else:
-            updates[key] = _convert(f"{where}.{key}", value, hint)
-    return SemAlignOptions(**updates)
+            return [_convert(f"{where}.{key}", item, int) for item in items]
+        return _convert(f"{where}.{key}", value, hints[key])
+
+    return SemAlignOptions(**{key: convert(key, value) for key, value in values.items()})

@@ -243,7 +243,7 @@ def plot_pairs(scores: Sequence[float], pairs: Sequence[LayerPair], target_layer
     for pair in pairs:
         source = (1 - pair.weight) * pair.source_a + pair.weight * pair.source_b
         right.plot([0, 1], [source, pair.target], marker="o", color="tab:blue")
-        right.annotate(f"{pair.target} <- {source:g}", (1, pair.target), xytext=(4, 0), textcoords="offset points")
+        right.annotate(f"{pair.target} <- {source:.3g}", (1, pair.target), xytext=(4, 0), textcoords="offset points")
     right.set_xticks([0, 1], ["source", "target"])
     right.set_ylim(0, max(len(scores), target_layers) + 1)
     right.set_ylabel("layer")

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llm_modules import LLMModulesError
+from realpaths import QWEN_05B, needs_models
 from llm_modules.tiny import build_tokenizer, tiny_model
 from llm_modules.training.config import config_from_argv, load_config
 from llm_modules.training.semalign import (
@@ -320,12 +321,8 @@ def test_semalign_adapter_folder_loads_with_plain_transformers(model_folder, cha
 
 
 # -------------------------------------------------------------------------------- the real model
-REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))
-QWEN_05B = REAL / "qwen2.5-coder-0.5b-instruct"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not QWEN_05B.is_dir(), reason=f"no {QWEN_05B}; set LLM_MODULES_REAL_MODELS")
+@needs_models(QWEN_05B)
 def test_bases_round_trip_a_real_models_hidden_states():
     from transformers import AutoTokenizer
 

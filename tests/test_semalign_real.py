@@ -18,20 +18,20 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from realpaths import QWEN_05B, REAL, REPO, needs_models
+
 from llm_modules.evaluation.multiple_choice import chat_row, letter_accuracy, read_rows
 from llm_modules.training.config import config_from_mapping, load_config
 from llm_modules.training.semalign import depth_map, interpolation
 from llm_modules.training.semalign.train import train_semalign
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))
 DATASETS = Path(os.environ.get("LLM_MODULES_DATASETS", Path.home() / ".cache" / "offline-datasets"))
-SOURCE, TARGET = REAL / "qwen2.5-coder-1.5b-instruct", REAL / "qwen2.5-coder-0.5b-instruct"
+SOURCE, TARGET = REAL / "qwen2.5-coder-1.5b-instruct", QWEN_05B
 ARC = DATASETS / "arc_challenge"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (SOURCE.is_dir() and TARGET.is_dir()), reason=f"no real models in {REAL}"),
+    needs_models(SOURCE, TARGET),
     pytest.mark.skipif(not (ARC / "train.jsonl").is_file(), reason=f"no ARC in {DATASETS} (tools/offline-datasets.py)"),
 ]
 

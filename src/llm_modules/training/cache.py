@@ -99,7 +99,7 @@ class CacheFields:
     source: str
     source_revision: str | None
     source_weights: str
-    source_layer: int
+    source_layer: int | list  # one hidden_states index, or the names of several taps (SemAlign: "contribution:12", "final")
     source_dtype: str | None
     tokenizer: str
     template: str
@@ -284,7 +284,7 @@ class SourceStateCache:
 
     # ------------------------------------------------------------------------------------------ read
     def get(self, input_ids: Sequence[int]) -> torch.Tensor:
-        """The stored states of one example: [T, d_s] in the cache dtype."""
+        """The stored states of one example: [T, d_s] (or [T, n, d_s] for several taps) in the cache dtype."""
         key = example_key(input_ids)
         shard = self.entries.get(key)
         if shard is None:

@@ -28,6 +28,9 @@ from .nonfinite import POLICIES
 class TrainConfig:
     """One training run. Paper values (Kolomeitsev 2025) in brackets where they differ from ours."""
 
+    # --- which method trains: llm_modules (the composed model) | semalign (the target alone, training/semalign/)
+    method: str = "llm_modules"
+    semalign: dict = field(default_factory=dict)  # SemAlign's options (training/semalign/options.py); --semalign.KEY VALUE
     # --- what to compose and on what
     source: str | None = None  # hub id or folder of the frozen source model
     target: str | None = None  # hub id or folder of the target model
@@ -110,6 +113,8 @@ class TrainConfig:
     trust_remote_code: bool = False  # run Python code shipped with a hub model (off unless asked for)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LLMModulesError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         # "~/..." works in YAML files and quoted arguments too (hub ids never start with "~").
         for name in PATH_FIELDS:
             value = getattr(self, name)
@@ -120,6 +125,7 @@ class TrainConfig:
         return asdict(self)
 
 
+METHODS = ("llm_modules", "semalign")
 PATH_FIELDS = ("source", "target", "data", "output", "tokenizer", "validation_data", "cache", "resume")
 
 
@@ -181,9 +187,19 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
     updates: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
+        section, _, option = key.partition(".")
+        if option and typing.get_origin(hints.get(section)) is None and hints.get(section) is dict:
+            # --semalign.mode lora: one option of a mapping field, kept as text (the section converts it)
+            base_section = updates.get(section, dict(getattr(base, section)) if base else {})
+            updates[section] = {**base_section, option: value}
+            continue
         if key in ALIASES:
             for target in ALIASES[key]:
                 from_aliases[target] = _convert(key, value, hints[target])
+        elif key in hints and hints[key] is dict:
+            if not isinstance(value, dict):
+                raise LLMModulesError(f"{where}option {key}: expected a mapping of option: value, got {value!r}")
+            updates[key] = dict(value)
         elif key in hints:
             updates[key] = _convert(key, value, hints[key])
         else:

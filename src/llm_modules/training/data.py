@@ -574,7 +574,7 @@ def prepare_data(
 class PaddingCollator:
     """Dynamic right padding: input_ids with pad id, attention_mask 0 and labels -100 on padding.
 
-    Features may carry ``source_states`` [T, d_s] (the source-state cache): padded with zeros.
+    Features may carry ``source_states`` [T, d_s] or [T, n, d_s] (the source-state cache): padded with zeros.
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (+ source_states [B, T, d_s]).
     """
 
@@ -599,7 +599,7 @@ class PaddingCollator:
             if "source_states" in feature:
                 s = torch.as_tensor(feature["source_states"])
                 if states is None:
-                    states = torch.zeros((batch, length, s.shape[-1]), dtype=s.dtype)
+                    states = torch.zeros((batch, length, *s.shape[1:]), dtype=s.dtype)
                 states[i, :n] = s
         out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if states is not None:

@@ -373,6 +373,20 @@ def check_config(config: TrainConfig) -> None:
     validate(config)
 
 
+def run_data(config: TrainConfig, tokenizer, output: Path, main: bool = True) -> PreparedData:
+    """The run's tokenized train/validation rows; the main process writes ``data_report.json`` into ``output``."""
+    options = DataOptions(
+        format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
+        overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
+        append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
+    )
+    data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
+    if main:
+        print(f"data: {data.report.summary()}", file=sys.stderr)
+        atomic_write_json(output / "data_report.json", data.report.to_dict())
+    return data
+
+
 def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Run one training: data -> (cache) -> composed model -> Trainer -> saved model + report files.
 
@@ -392,15 +406,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     with allow_remote_code(config.trust_remote_code):
         tokenizers = load_tokenizers(config)
     tokenizer = tokenizers.main
-    options = DataOptions(
-        format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
-        overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
-        append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
-    )
-    data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
-    if main:
-        print(f"data: {data.report.summary()}", file=sys.stderr)
-        atomic_write_json(output / "data_report.json", data.report.to_dict())
+    data = run_data(config, tokenizer, output, main)
 
     collator = PaddingCollator(tokenizer.pad_token_id, keep_rows=True)
     if config.topology == "fusion":  # what the source reads of each row, through its own tokenizer
@@ -492,6 +498,8 @@ Train a composed model. Every option of the run config can be given in the YAML 
   --lr X (both groups) --lr-connector X --lr-target X --batch-size N --grad-accum N
   --template chat|plain --loss-on assistant|all --max-length N --validation 0.05
   --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
+  --method semalign --semalign.mode lora|layers|full --semalign.version v1|v2 (SemAlign: the target alone
+  learns the source's layer outputs through the semantic bases; see examples/semalign-arc.yaml)
 See llm_modules/train_config.py (TrainConfig) for all options and examples/*.yaml.
 """
 
@@ -502,7 +510,11 @@ def train_main(argv: list[str]) -> int:
         print(HELP)
         return 0
     config = config_from_argv(argv)
-    result = train(config)
+    if config.method == "semalign":  # SemAlign trains the target alone (training/semalign/)
+        from .semalign.train import train_semalign as train_method
+    else:
+        train_method = train
+    result = train_method(config)
     summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     print(json.dumps({"output": str(result.output), **summary}, indent=2))
     return 0

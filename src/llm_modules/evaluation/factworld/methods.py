@@ -8,7 +8,8 @@ scores it on test facts with ``metrics.evaluate_traces``.
 Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_alone``, ``source_head``,
 ``source_finetuned``, ``distill_kd`` and ``llm_modules_bridge_{leaky|causal}_{random|pretrained}``
 (the suffix is the target's initialisation), plus ``_head_{source|source_mix|source_pointer}`` / ``_tanh`` /
-``_layers{n}`` for the bridge variants the harness can vary.
+``_layers{n}`` for the bridge variants the harness can vary, and ``semalign`` (``kind: semalign`` with the
+options of ``training/semalign/options.py``; its model and loss live in ``training/semalign/factworld.py``).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...errors import LLMModulesError
 from ...model.modeling import LLMModulesForCausalLM
 from ...model.processing import shared_source_inputs
+from ...training.semalign import factworld as semalign_world
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import QUESTION_FORMS, FactWorld
 
 KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge",
-         "fusion")
+         "fusion", "semalign")
 BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim")
 FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
                   "lora_rank")
@@ -48,7 +50,7 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LLMModulesError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        valid = FUSION_OPTIONS if self.kind == "fusion" else BRIDGE_OPTIONS
+        valid = {"fusion": FUSION_OPTIONS, "semalign": semalign_world.OPTIONS}.get(self.kind, BRIDGE_OPTIONS)
         unknown = set(self.bridge) - set(valid)
         if unknown:
             raise LLMModulesError(
@@ -120,6 +122,8 @@ def method_from_mapping(values: dict | str) -> MethodSpec:
     if kind in ("bridge", "fusion"):
         spec = bridge_spec(**values) if kind == "bridge" else fusion_spec(**values)
         return MethodSpec(name, kind, spec.bridge) if name else spec
+    if kind == "semalign":  # options of SemAlign's run config (training/semalign/options.py)
+        return MethodSpec(name or semalign_world.method_name(values), "semalign", values)
     if values:
         raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge or fusion")
     return MethodSpec(name or kind, kind)
@@ -194,6 +198,8 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
         return copy.deepcopy(bench.source).requires_grad_(spec.trains)  # the shared source is frozen
     if spec.kind == "source_head":
         return FrozenSourceHead(bench.source, len(bench.tokenizer))
+    if spec.kind == "semalign":
+        return semalign_world.build_model(spec.bridge, bench, seed)
     options = dict(spec.bridge)
     if spec.kind == "fusion":
         return LLMModulesForCausalLM.compose(
@@ -336,6 +342,8 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
             loss_fn = kd_loss_fn(model, bench.source, pad)
         elif spec.kind in ("bridge", "fusion"):
             loss_fn = bridge_loss_fn(model, bench)
+        elif spec.kind == "semalign":
+            loss_fn = semalign_world.loss_fn(model, bench, budget.steps)
         else:
             loss_fn = ce_loss_fn(model, pad)
         result = train_loop(

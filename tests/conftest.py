@@ -66,3 +66,39 @@ def config(model_folder, gsm_file, tmp_path):
 
 def losses(result) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in result.log_history if "loss" in e}
+
+
+@pytest.fixture(scope="session")
+def composed_run(tmp_path_factory):
+    """A tiny composed model saved with save_pretrained, its tiny source and target beside it."""
+    from llm_modules.tiny import save_tiny_composed
+
+    return save_tiny_composed(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def serving(composed_run):
+    """``llm-modules serve RUN --compare source,target`` on loopback in a thread: (base URL, served models)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from llm_modules.serving.batching import BatchLimits
+    from llm_modules.serving.models import load_served_models
+    from llm_modules.serving.server import ServerLimits, create_app
+
+    models = load_served_models(composed_run, ["source", "target"])
+    limits = ServerLimits(max_tokens=64, default_max_tokens=16, request_timeout_s=60,
+                          batch=BatchLimits(max_batch_size=8, max_queue=16, batch_window_s=0.05))
+    server = uvicorn.Server(uvicorn.Config(create_app(models, limits), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", models
+    server.should_exit = True
+    thread.join(15)

@@ -35,6 +35,10 @@ class QueueFull(Exception):
     """The bounded queue has no room for the request (the server answers 429)."""
 
 
+class EngineClosed(QueueFull):
+    """The engine stopped taking requests: the server is shutting down (503)."""
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch_size: int = 32        # rows decoded together
@@ -242,7 +246,7 @@ class BatchEngine:
             request.generator.manual_seed(seed)
         with self._condition:
             if self._closed:
-                raise QueueFull("the server is shutting down")
+                raise EngineClosed("the server is shutting down")
             if len(self._queue) + len(requests) > self.limits.max_queue:
                 raise QueueFull(f"{len(self._queue)} sequences are waiting for {self.name} (limit {self.limits.max_queue})")
             self._queue.extend(requests)

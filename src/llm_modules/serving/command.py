@@ -27,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None, help="the composed model's id in the API (default: RUN's name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="largest max_tokens a request may ask")
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
@@ -67,13 +66,13 @@ def serve_main(argv: list[str]) -> int:
     )
     models = load_served_models(args.run, compare, args.device, args.model_name, args.max_model_len)
     if not _is_loopback(args.host):
-        print(f"warning: listening on {args.host}: reachable from other machines"
-              f"{'' if args.api_key else ' without an API key (--api-key)'}", file=sys.stderr)
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
+              "(there is no authentication; put a proxy in front to add one)", file=sys.stderr)
     for model in models:
         print(f"serving {model.role:>8}: {model.id} (context {model.context_length} tokens)"
               f"{'; ' + model.note if model.note else ''}", file=sys.stderr)
     print(f"page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(models, limits, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(models, limits), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -22,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from openai.types.chat.chat_completion_chunk import ChoiceDelta
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import BatchLimits, Event, GenerationRequest, QueueFull, Sampling
+from .batching import BatchLimits, EngineClosed, Event, GenerationRequest, QueueFull, Sampling
 from .limits import BodyLimit
 from .models import ServedModel
 from .protocol import (
@@ -52,8 +52,7 @@ class ServerLimits:
     batch: BatchLimits = field(default_factory=BatchLimits)
 
 
-def create_app(models: Sequence[ServedModel], limits: ServerLimits = ServerLimits(),
-               api_key: str | None = None) -> FastAPI:
+def create_app(models: Sequence[ServedModel], limits: ServerLimits = ServerLimits()) -> FastAPI:
     """The app serving ``models`` (the first is the default). Engines start here and stop with the app."""
     served = {m.id: m for m in models}
     default = models[0]
@@ -89,13 +88,6 @@ def create_app(models: Sequence[ServedModel], limits: ServerLimits = ServerLimit
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(error).__name__}: {error}").response()
-
-    if api_key:
-        @app.middleware("http")
-        async def authenticate(request: Request, call_next):
-            if request.url.path.startswith("/v1/") and request.headers.get("authorization") != f"Bearer {api_key}":
-                return APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key").response()
-            return await call_next(request)
 
     # ------------------------------------------------------------------------------------------ routes
     @app.get("/", response_class=HTMLResponse)
@@ -182,6 +174,8 @@ def create_app(models: Sequence[ServedModel], limits: ServerLimits = ServerLimit
                         for i, prompt_ids in enumerate(ids)]
         try:
             model.engine.submit(job.requests)
+        except EngineClosed as error:
+            raise APIError(503, str(error), code="shutting_down") from error
         except QueueFull as error:
             raise APIError(429, f"the server is busy: {error}; retry later", code="queue_full") from error
         return job

@@ -18,7 +18,7 @@ import torch
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.serving.models import load_served_models
-from llm_modules.tiny import build_tokenizer, save_tiny, tiny_config, tiny_model
+from llm_modules.tiny import build_tokenizer, save_tiny, save_tiny_composed, tiny_config, tiny_model
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
 
@@ -232,3 +232,16 @@ def test_target_without_tokenizer_reads_the_composed_models_tokenizer(tmp_path):
     composed, served = load_served_models(tmp_path / "run", ["target"])
     assert served.tokenizer is composed.tokenizer and "tokenizer" in served.note
     assert json.loads(json.dumps(served.card()))["note"] == served.note
+
+
+def test_a_fusion_model_is_served_and_with_closed_gates_answers_as_its_target_alone(tmp_path, serve_models):
+    models = load_served_models(save_tiny_composed(tmp_path, topology="fusion", fusion_every=1), ["target"])
+    client = openai.OpenAI(base_url=f"{serve_models(models)}/v1", api_key="unused", max_retries=0)
+    settings = dict(messages=CHAT, max_tokens=8, temperature=0)
+    composed = client.chat.completions.create(model=models[0].id, **settings)
+    target = client.chat.completions.create(model=models[1].id, **settings)
+    assert composed.choices[0].message.content == target.choices[0].message.content  # tanh gates start at 0
+    assert composed.gate_values == [0.0] * len(models[0].model.fusion.blocks)
+    streamed = client.completions.create(model=models[0].id, prompt="The quick", max_tokens=6, temperature=1.0,
+                                         seed=1, stream=True)
+    assert sum(1 for _ in streamed) >= 2

@@ -11,6 +11,7 @@ import torch
 from llm_modules.serving.batching import (
     BatchEngine,
     BatchLimits,
+    BatchStepper,
     GenerationRequest,
     QueueFull,
     RowSampler,
@@ -109,15 +110,28 @@ def test_a_failing_batch_is_reported_and_the_engine_keeps_serving(engine):
     assert events[-1].finish_reason in ("stop", "length") and request.completion_tokens <= 3
 
 
-def test_a_request_past_its_deadline_in_the_queue_is_refused_and_one_past_it_decoding_ends(engine):
+def test_a_request_past_its_deadline_in_the_queue_is_refused(engine):
     made, served = engine
-    events, _ = run(made, served.tokenizer("hi").input_ids, Sampling(max_tokens=3), deadline=-1)
-    assert events[-1].status == 503 and "queue" in events[-1].error
-    started = time.monotonic()
-    events, request = run(made, served.tokenizer("hi").input_ids, Sampling(max_tokens=10_000, temperature=1.0),
-                          deadline=0.3)
-    assert events[-1].finish_reason == "length" and request.completion_tokens < 10_000
-    assert time.monotonic() - started < 10
+    events, request = run(made, served.tokenizer("hi").input_ids, Sampling(max_tokens=3), deadline=-1)
+    assert events[-1].status == 503 and "queue" in events[-1].error and request.completion_tokens == 0
+
+
+def test_each_row_ends_at_its_stop_token_token_limit_deadline_or_cancellation(tokenizer):
+    events = []
+    settings = [(5, 1e12), (1, 1e12), (5, 0.0), (5, 1e12)]  # (max_tokens, deadline) of rows 0..3
+    rows = [GenerationRequest(i, [1], Sampling(max_tokens=m), events.append, deadline)
+            for i, (m, deadline) in enumerate(settings)]
+    for row in rows:
+        row.text = IncrementalText(tokenizer)
+    rows[3].cancelled = True  # its client went away
+    stepper = BatchStepper(rows, stop_ids={tokenizer.eos_token_id}, gates=None, engine_closed=lambda: False)
+    word = tokenizer("fox").input_ids[0]
+    assert stepper(torch.tensor([[word]] * 4), None).tolist() == [False, True, True, True]
+    assert [r.finish_reason for r in rows] == [None, "length", "length", "cancelled"]
+    assert stepper(torch.tensor([[word, tokenizer.eos_token_id]] * 4), None).tolist() == [True] * 4
+    assert rows[0].finish_reason == "stop" and rows[0].completion_tokens == 1
+    assert sorted(e.index for e in events if e.finish_reason) == [0, 1, 2]  # nothing goes to a client that left
+    assert "".join(e.text for e in events if e.index == 0) == tokenizer.decode([word]) and 3 not in {e.index for e in events}
 
 
 def test_the_queue_is_bounded_and_takes_a_request_whole_or_not_at_all(engine):

@@ -65,7 +65,7 @@ def test_one_prompt_streams_into_all_three_columns_with_metrics_and_gates(browse
         window.updates = {};
         for (const answer of document.querySelectorAll('.answer')) {
             window.updates[answer.dataset.testid] = 0;
-            new MutationObserver(() => window.updates[answer.dataset.testid]++)
+            new MutationObserver((changes) => window.updates[answer.dataset.testid] += changes.length)
                 .observe(answer, {childList: true, characterData: true, subtree: true});
         }
     }""")

@@ -66,3 +66,55 @@ def config(model_folder, gsm_file, tmp_path):
 
 def losses(result) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in result.log_history if "loss" in e}
+
+
+@pytest.fixture(scope="session")
+def composed_run(tmp_path_factory):
+    """A tiny composed model saved with save_pretrained, its tiny source and target beside it."""
+    from llm_modules.tiny import save_tiny_composed
+
+    return save_tiny_composed(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def serve_models():
+    """serve(models, limits=None) -> base URL of ``create_app(models, limits)`` run by uvicorn on loopback in a thread
+    (stopped at the end of the session)."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from llm_modules.serving.server import ServerLimits, create_app
+
+    servers = []
+
+    def serve(models, limits=None) -> str:
+        app = create_app(models, limits or ServerLimits())
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    yield serve
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="session")
+def serving(composed_run, serve_models):
+    """``llm-modules serve RUN --compare source,target`` with small limits: (base URL, served models)."""
+    from llm_modules.serving.batching import BatchLimits
+    from llm_modules.serving.models import load_served_models
+    from llm_modules.serving.server import ServerLimits
+
+    models = load_served_models(composed_run, ["source", "target"])
+    limits = ServerLimits(max_tokens=64, default_max_tokens=16, request_timeout_s=60,
+                          batch=BatchLimits(max_batch_size=8, max_queue=16, batch_window_s=0.05))
+    return serve_models(models, limits), models

@@ -112,6 +112,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
                 raise LLMModulesError("LLMModulesConfig has no source_config; build the model with compose()")
             source_config = config_from_dict(config.source_config)
         d_source, d_target = _hidden_size(source_config), _hidden_size(target.config)
+        self.source_vocab_size = int(source_config.get_text_config().vocab_size)  # rows the source can embed
         if fusion:
             layers = config.fusion_layers
             if layers is None:
@@ -415,11 +416,21 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         """Bridge logits over the source vocabulary: hidden [B, t, d_t] -> ([B, t, V], base logits for mixtures)."""
         hidden = hidden.to(self.connector.pre_proj.weight.dtype)
         if self.config.head == "new":
-            return self.lm_head(hidden), None
+            return self._readable(self.lm_head(hidden)), None
         if self.config.head == "source":
             return self._source_head(self.head_projection(hidden)), None
-        base = self.lm_head(hidden).float()
+        base = self._readable(self.lm_head(hidden).float())
         return self._mix_paths(hidden, full_hidden, base, states, attention_mask, cache), base
+
+    def _readable(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bridge's head is sized by the tokenizer, which can hold more entries than the source embeds
+        (a reloaded Qwen2 tokenizer adds <|endoftext|>); the bridge feeds its tokens back to the source, so ids
+        the source cannot read get -inf and are never sampled (without this, sampling one crashed the source)."""
+        readable = self.source_vocab_size
+        if logits.shape[-1] <= readable:
+            return logits
+        return logits.index_fill(-1, torch.arange(readable, logits.shape[-1], device=logits.device),
+                                 torch.finfo(logits.dtype).min)
 
     def _mix(self, hidden, logits, here, attention_mask, cache, logits_to_keep) -> tuple[torch.Tensor, torch.Tensor]:
         """Fusion with a mixture head: the target's own logits are the base path."""

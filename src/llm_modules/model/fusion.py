@@ -312,7 +312,7 @@ def fusion_forward(model, input_ids: torch.LongTensor, attention_mask: torch.Ten
     finally:
         # Activation checkpointing re-runs the hooks during backward, so it keeps the context until the next
         # forward; otherwise it goes now, and the target called on its own is the target alone again.
-        if not (model.target.is_gradient_checkpointing and torch.is_grad_enabled()):
+        if not (getattr(model.target, "is_activation_checkpointing", False) and torch.is_grad_enabled()):
             fusion.context = None
     hidden = output.hidden_states[-1] if wants_states else None  # all new positions (pointer keys need them)
     return output.logits, hidden, last_states, cache

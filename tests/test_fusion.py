@@ -45,11 +45,12 @@ def folder(tmp_path_factory, tokenizer, other_tokenizer):
 
 def fuse(folder, tokenizer, other_tokenizer, target="llama", two_tokenizers=False, open_gates=True, **options):
     """A fusion model with a qwen2 source; the target reads with its own tokenizer (the other one if asked)."""
-    torch.manual_seed(0)
     target_tok = other_tokenizer if two_tokenizers else tokenizer
+    source_folder, target_folder = folder("qwen2", hidden=48), folder(target, "other" if two_tokenizers else "one", seed=1)
+    torch.manual_seed(0)  # after the folders: building one reseeds torch, so the blocks' init would depend on test order
     model = LLMModulesForCausalLM.compose(
-        folder("qwen2", hidden=48), folder(target, "other" if two_tokenizers else "one", seed=1),
-        topology="fusion", tokenizer=target_tok, source_tokenizer=tokenizer, **{**SMALL, **options},
+        source_folder, target_folder, topology="fusion", tokenizer=target_tok, source_tokenizer=tokenizer,
+        **{**SMALL, **options},
     ).eval()
     if open_gates:  # gates start at 0 (identity); open them so the source actually matters
         with torch.no_grad():

@@ -197,6 +197,11 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
             for target in ALIASES[key]:
                 from_aliases[target] = _convert(key, value, hints[target])
         elif key in hints and hints[key] is dict:
+            if isinstance(value, str):  # --semalign='{mode: lora, pairs: 2}' from a command line: YAML flow mapping
+                try:
+                    value = yaml.safe_load(value) if value.strip() else {}
+                except yaml.YAMLError:
+                    pass
             if not isinstance(value, dict):
                 raise LLMModulesError(f"{where}option {key}: expected a mapping of option: value, got {value!r}")
             updates[key] = dict(value)

@@ -105,8 +105,9 @@ def _taps_cache(config: TrainConfig, tokenizers, taps: list[str], rows: list[lis
     folder = cache_folder(config)
     assert folder is not None
     folder = folder / ("taps-" + hashlib.sha256(json.dumps(taps).encode()).hexdigest()[:12])
-    cache = SourceStateCache.open(folder, replace(cache_fields(config, tokenizers), source_layer=list(taps),
-                                                 layout="semalign-taps"))
+    fields = replace(cache_fields(config, tokenizers), source_layer=list(taps), layout="semalign-taps")
+    cache = SourceStateCache.open(folder, fields)
+    cache.consolidate(log=lambda message: print(message, file=sys.stderr))  # what a killed build left behind
     missing = cache.missing(rows)
     stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0, "taps": taps}
     if missing:
@@ -115,6 +116,7 @@ def _taps_cache(config: TrainConfig, tokenizers, taps: list[str], rows: list[lis
               file=sys.stderr)
         cache.build([rows[i] for i in missing], lambda ids, mask: source_tap_states(source_fn(), ids, mask, taps),
                     batch_size=config.cache_batch_size, device=_device(config), progress=config.progress)
+        cache.consolidate(log=lambda message: print(message, file=sys.stderr))  # the new shards join the manifest
         stats["seconds"] = round(time.perf_counter() - started, 2)
     stats["bytes"] = cache.size_bytes()
     return cache, stats

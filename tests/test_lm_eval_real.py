@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct, fusion with prompt memory, two tokenizers), on real ARC-C
 The fusion gates are closed (as composed), so lm-eval must give the composed model exactly the target alone's
 scores and generations: the target alone runs through lm-eval's own ``hf`` model type. Then lm-eval's own
 command line (``llm-modules lm-eval run --model llm-modules ...``) on the same saved model.
-Needs the real models ($LLM_MODULES_REAL_MODELS) and the offline data ($LLM_MODULES_DATASETS, GSM8K beside the repo).
+Needs the real models (tests/realpaths.py) and the offline data ($LLM_MODULES_DATASETS; GSM8K beside the repo).
 """
 
 from __future__ import annotations
@@ -14,23 +14,19 @@ import os
 from pathlib import Path
 
 import pytest
+from realpaths import GSM8K, QWEN_05B, SMOLLM2, needs_gsm8k, needs_models
 
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.evaluation.lm_eval_command import evaluate_with_lm_eval
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))
-SOURCE, TARGET = REAL / "qwen2.5-coder-0.5b-instruct", REAL / "smollm2-135m-instruct"
+SOURCE, TARGET = QWEN_05B, SMOLLM2
 DATASETS = Path(os.environ.get("LLM_MODULES_DATASETS", Path.home() / ".cache" / "offline-datasets"))
-GSM8K = Path(os.environ.get("LLM_MODULES_GSM8K", REPO.parent / "shared" / "data" / "gsm8k"))
 TASKS = ["llm_modules_arc_challenge", "llm_modules_mmlu", "llm_modules_gsm8k"]
 
 pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (SOURCE.is_dir() and TARGET.is_dir()),
-                       reason=f"real models not built; run: python ../shared/tools/real-models.py --out {REAL}"),
-    pytest.mark.skipif(not ((DATASETS / "arc_challenge").is_dir() and (DATASETS / "mmlu").is_dir() and GSM8K.is_dir()),
+    pytest.mark.slow, needs_models(SOURCE, TARGET), needs_gsm8k(),
+    pytest.mark.skipif(not ((DATASETS / "arc_challenge").is_dir() and (DATASETS / "mmlu").is_dir()),
                        reason=f"offline data not written; run: python ../shared/tools/offline-datasets.py --out {DATASETS}"),
 ]
 

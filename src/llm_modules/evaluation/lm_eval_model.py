@@ -6,7 +6,8 @@ Importing this module imports ``lm_eval`` (the optional extra ``eval``) and regi
 line) load it. ``import llm_modules`` never imports ``lm_eval``.
 
 It is lm-eval's ``HFLM`` with three changes:
-- the model is loaded with :meth:`LLMModulesForCausalLM.from_pretrained` (it references its source);
+- the model is loaded with :meth:`LLMModulesForCausalLM.from_pretrained` (it references its source); an
+  explicit ``dtype`` casts all of it;
 - ``loglikelihood`` scores with :func:`~llm_modules.evaluation.loglikelihood.score_continuations`: left-padded
   batches with attention masks, one forward per distinct input, and for a fusion model the source side
   derived from the target's ids. With ``memory="prompt"`` the source reads the request's *context* only, as in
@@ -26,6 +27,7 @@ from lm_eval.models.utils import resolve_max_length
 from tqdm import tqdm
 
 from ..errors import LLMModulesError
+from ..model.loading import resolve_dtype
 from ..model.modeling import LLMModulesForCausalLM
 from .loglikelihood import score_continuations
 
@@ -55,9 +57,11 @@ class LLMModulesLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
 
     def _create_model(self, pretrained: str, revision: str | None = "main", dtype: Any = "auto", **kwargs: Any) -> None:
-        """Load the composed model (its source from its reference); ``dtype`` applies to the trained modules."""
-        self._model = LLMModulesForCausalLM.from_pretrained(pretrained, revision=revision,
-                                                            dtype=None if dtype in (None, "auto") else dtype)
+        """Load the composed model (its source from its reference). ``dtype`` (other than ``auto``: the saved
+        dtypes) casts all of it, source included."""
+        self._model = LLMModulesForCausalLM.from_pretrained(pretrained, revision=revision)
+        if dtype not in (None, "auto"):
+            self._model.to(resolve_dtype(dtype) if isinstance(dtype, str) else dtype)
 
     @property
     def max_length(self) -> int:

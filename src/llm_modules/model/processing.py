@@ -147,12 +147,7 @@ class CompositionProcessor:
             source_text = text  # generating: the whole given text is the prompt
         if self.shared:
             whole = source_text is None or source_text == text
-            count = len(target_ids) if whole else _shared_prompt_length(target_ends, len(source_text))
-            row.source_ids = list(target_ids[:count])
-            row.source_positions = list(range(count))
-            row.source_groups = [MAIN] * count
-            row.source_counts = [min(i + 1, count) for i in range(len(target_ids))]
-            return row
+            return _shared_row(target_ids, len(target_ids) if whole else _shared_prompt_length(target_ends, len(source_text)))
         if source_text is not None:  # prompt memory: one fixed tokenization, read by the tokens that end after it
             if not text.startswith(source_text):
                 raise LLMModulesError("with memory='prompt' the source text must be a prefix of the target text")
@@ -218,22 +213,32 @@ class CompositionProcessor:
         return self(texts, **kwargs)
 
     def align_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  padding_side: str = "left") -> dict[str, torch.Tensor]:
+                  padding_side: str = "left", prompt_lengths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         """The source side for target ids alone: decode each row, then align as :meth:`__call__` would.
 
         input_ids, attention_mask: [B, T]. Returns the ``source_*`` tensors (the target ids are not repeated).
         Rows keep their padding: ``source_counts`` is [B, T] in the same columns as ``input_ids``.
+        prompt_lengths: [B] with ``memory="prompt"``, how many of each row's real tokens are the prompt the
+        source reads (a context whose continuation is scored); default: all of them (a prompt to continue).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if prompt_lengths is not None and len(prompt_lengths) != input_ids.shape[0]:
+            raise LLMModulesError(f"{input_ids.shape[0]} rows but {len(prompt_lengths)} prompt lengths")
         rows = []
-        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+        for b, (ids, mask) in enumerate(zip(input_ids.tolist(), attention_mask.tolist())):
             real = [t for t, m in zip(ids, mask) if m]
-            if self.shared:
-                row = self.align_row("", real, list(range(len(real))))  # the source reads every given token
+            prompt = None
+            if self.memory == "prompt" and prompt_lengths is not None:
+                prompt = int(prompt_lengths[b])
+                if not 0 < prompt <= len(real):
+                    raise LLMModulesError(f"row {b}: prompt length {prompt} is not within its {len(real)} tokens")
+            if self.shared:  # the source reads every given token (or the prompt's)
+                row = _shared_row(real, len(real) if prompt is None else prompt)
             else:
                 text = self.decode(real)
-                row = self.align_row(text, real, self.target_ends(text, real))
+                source_text = None if prompt is None else self.decode(real[:prompt])
+                row = self.align_row(text, real, self.target_ends(text, real), source_text)
             rows.append(row)
         padded = self.pad(rows, padding_side)
         # put source_counts back into the columns of input_ids (which may be padded on either side)
@@ -272,6 +277,12 @@ class CompositionProcessor:
             out["source_position_ids"].append(place(row.source_positions, 0, source_padding))
             out["source_groups"].append(place(groups, MAIN, source_padding))
         return out
+
+
+def _shared_row(target_ids: Sequence[int], count: int) -> RowAlignment:
+    """One tokenizer: the source reads the first ``count`` target tokens, token i the first min(i + 1, count)."""
+    return RowAlignment(list(target_ids), list(target_ids[:count]), list(range(count)), [MAIN] * count,
+                        [min(i + 1, count) for i in range(len(target_ids))])
 
 
 def _shared_prompt_length(target_ends: list[int], prompt_chars: int) -> int:

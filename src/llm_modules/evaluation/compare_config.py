@@ -20,14 +20,25 @@ from .factworld.methods import Budget, MethodSpec, default_methods, method_from_
 from ..training.config import _convert, read_yaml_mapping
 
 
+WORLD_KINDS = ("facts", "composition")
+
+
 @dataclass
 class WorldSettings:
+    """``kind``: "facts" (the source knows every answer, issue 4) or "composition" (an answer needs a fact the source
+    knows and a cipher the target knows, ``factworld.composition``)."""
+
+    kind: str = "facts"
     entities: int = 40
     relations: int = 8
     transfer_fraction: float = 0.25
     validation_fraction: float = 0.1
     background_entities: int = 24
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in WORLD_KINDS:
+            raise LLMModulesError(f"world.kind {self.kind!r} is not one of {', '.join(WORLD_KINDS)}")
 
 
 @dataclass
@@ -47,8 +58,10 @@ class SourceSettings:
 
 @dataclass
 class TargetSettings:
-    """A GPT-Neo target pretrained from scratch on the world's language, none of its facts."""
+    """A target pretrained from scratch on the world's language (and the composition world's cipher), none of its
+    facts. ``family``: a ``tiny.tiny_config`` family (GPT-Neo as in the paper; the composition world needs a Llama)."""
 
+    family: str = "gpt_neo"
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -65,14 +78,23 @@ class CompareConfig:
     source: SourceSettings = field(default_factory=SourceSettings)
     target: TargetSettings = field(default_factory=TargetSettings)
     budget: Budget = field(default_factory=Budget)
-    methods: list[MethodSpec] = field(default_factory=default_methods)
+    methods: list[MethodSpec] = field(default_factory=list)  # default: every method of the world's kind
     sweep_fractions: list[float] = field(default_factory=list)  # e.g. [0.1, 0.25, 0.5, 0.75]
     sweep_methods: list[str] = field(default_factory=list)  # default: every method
+    workers: int = 0  # processes, one thread each (results do not depend on it); 0: one per available CPU core
     note: str = ""  # printed with the table (the demo says what it scaled down)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            self.methods = default_methods(self.world.kind)
+        names = [m.name for m in self.methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise LLMModulesError(f"methods: {', '.join(repeated)} listed twice (give one of them a name: ...)")
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        values["methods"] = [{"name": m.name, "kind": m.kind, **m.bridge} for m in self.methods]
+        values["methods"] = [{"name": m.name, "kind": m.kind, **m.options} for m in self.methods]
         return values
 
 

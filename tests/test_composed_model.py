@@ -226,7 +226,7 @@ def test_bad_inputs_give_actionable_errors(model_folder, tokenizer, tmp_path):
     model = compose(model_folder)
     model.source.base_model_prefix = "no_states"
     model.source.no_states = NoStates()
-    with pytest.raises(LLMModulesError, match="no hidden states"):
+    with pytest.raises(LLMModulesError, match="no hidden state"):
         model(**batch(tokenizer))
 
 
@@ -249,3 +249,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_folder, tokenizer
         model(**inputs, labels=inputs.input_ids).loss.backward()
         grads.append(model.connector.pre_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_ids_the_source_cannot_embed_are_never_predicted(model_folder, tokenizer):
+    """The head is sized by the tokenizer; an entry beyond the source's embedding table must never be emitted
+    (sampling one used to crash the source on the next step)."""
+    model = compose(model_folder)
+    readable = model.source.get_input_embeddings().num_embeddings
+    model.config.vocab_size = readable + 2
+    model.lm_head = torch.nn.Linear(model.lm_head.in_features, readable + 2, bias=False)
+    with torch.no_grad():
+        model.lm_head.weight[readable:] = 100.0  # these ids would win every argmax and every sample
+        logits = model(**batch(tokenizer)).logits
+    assert logits.shape[-1] == readable + 2 and int(logits.argmax(-1).max()) < readable
+    torch.manual_seed(0)
+    generated = model.generate(**batch(tokenizer), max_new_tokens=4, do_sample=True)
+    assert int(generated.max()) < readable

@@ -10,31 +10,19 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from realpaths import GSM8K, QWEN_05B, REPO, SMOLLM2, needs_gsm8k, needs_models
 
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.training.trainer import train
 from llm_modules.training.config import config_from_mapping, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = Path(os.environ.get("LLM_MODULES_REAL_MODELS", Path.home() / ".cache" / "real-models"))
-SOURCE, TARGET = REAL / "qwen2.5-coder-0.5b-instruct", REAL / "smollm2-135m-instruct"
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (SOURCE.is_dir() and TARGET.is_dir()),
-        reason=f"real models not built; run: python ../shared/tools/real-models.py --out {REAL}",
-    ),
-    pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason=f"no GSM8K data in {GSM8K}"),
-]
+SOURCE, TARGET = QWEN_05B, SMOLLM2
+pytestmark = [pytest.mark.slow, needs_models(SOURCE, TARGET), needs_gsm8k()]
 
 
 def test_real_pair_trains_on_gsm8k_with_the_cache_then_generates_and_evaluates(tmp_path, capsys):

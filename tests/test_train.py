@@ -16,32 +16,7 @@ from llm_modules.model.modeling import causal_lm_loss
 from llm_modules.training.trainer import token_mean_loss, train, train_main
 from llm_modules.training.config import TrainConfig, config_from_argv, load_config
 
-
-@pytest.fixture(scope="module")
-def gsm_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
-    with path.open("w") as handle:
-        for i in range(24):
-            handle.write(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}. #### {2 * i}"}) + "\n")
-    return path
-
-
-@pytest.fixture
-def config(model_folder, gsm_file, tmp_path):
-    def make(**changes) -> TrainConfig:
-        values = dict(
-            source=model_folder("qwen2", hidden=48), target=model_folder("gpt_neo"), data=str(gsm_file),
-            output=str(tmp_path / "run"), heads=4, adapter_dim=16, max_steps=6, batch_size=4, validation=0.0,
-            logging_steps=1, report_to=["none"], progress=False, save_steps=3, seed=7,
-        )
-        values.update(changes)
-        return TrainConfig(**values)
-
-    return make
-
-
-def losses(result) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in result.log_history if "loss" in e}
+from conftest import losses
 
 
 class Interrupt(TrainerCallback):

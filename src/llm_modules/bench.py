@@ -322,8 +322,8 @@ class DecodeRun:
     step_s: list[float]                  # step i (0-based) feeds token prompt+i+1: it attends prompt+i+1 positions
 
 
-def timed_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, device: str) -> DecodeRun:
-    """Greedy HF ``generate`` of exactly ``new_tokens`` tokens, timed per step."""
+def timed_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, device: str, **extra) -> DecodeRun:
+    """Greedy HF ``generate`` of exactly ``new_tokens`` tokens, timed per step (``extra``: more generate inputs)."""
     clock = StepClock(device)
     synchronize(device)
     start = time.perf_counter()
@@ -331,7 +331,7 @@ def timed_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, d
         model.generate(
             input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
             min_new_tokens=new_tokens, do_sample=False, logits_processor=LogitsProcessorList([clock]),
-            pad_token_id=0,
+            pad_token_id=0, **extra,
         )
     synchronize(device)
     total = time.perf_counter() - start
@@ -339,14 +339,15 @@ def timed_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, d
     return DecodeRun(total, clock.stamps[0] - start, steps)
 
 
-def warm_up_generate(model: PreTrainedModel, ids: torch.Tensor, device: str) -> None:
-    """A short untimed generate (16-token prompt, 4 tokens): first-call costs out of the way, cheaply."""
-    timed_generate(model, ids[:, : min(ids.shape[1], 16)], 4, device)
+def warm_up_generate(model: PreTrainedModel, ids: torch.Tensor, device: str, **extra) -> None:
+    """A short untimed generate (4 tokens): first-call costs out of the way, cheaply (a 16-token prompt
+    unless ``extra`` inputs are tied to the prompt's length)."""
+    timed_generate(model, ids if extra else ids[:, : min(ids.shape[1], 16)], 4, device, **extra)
 
 
-def median_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, plan: Plan) -> DecodeRun:
-    warm_up_generate(model, ids, plan.device)
-    runs = [timed_generate(model, ids, new_tokens, plan.device) for _ in range(plan.repeats)]
+def median_generate(model: PreTrainedModel, ids: torch.Tensor, new_tokens: int, plan: Plan, **extra) -> DecodeRun:
+    warm_up_generate(model, ids, plan.device, **extra)
+    runs = [timed_generate(model, ids, new_tokens, plan.device, **extra) for _ in range(plan.repeats)]
     runs.sort(key=lambda run: run.total_s)
     return runs[len(runs) // 2]
 
@@ -642,6 +643,10 @@ class TrainRow:
 def train_inputs(config: str, plan: Plan, model: nn.Module) -> dict[str, torch.Tensor]:
     """One batch for ``config``: token ids + labels, or cached source states + labels."""
     ids = random_ids(plan.train_batch, plan.train_seq, int(model.config.vocab_size), plan.device, seed=7)
+    if config.startswith("fusion_"):
+        from .bench_fusion import fusion_train_inputs
+
+        return fusion_train_inputs(config, plan, model, ids)
     if config in ("target_only", "without_cache"):
         return {"input_ids": ids, "labels": ids}
     width = model.source_hidden_size
@@ -650,6 +655,10 @@ def train_inputs(config: str, plan: Plan, model: nn.Module) -> dict[str, torch.T
 
 
 def train_model(config: str, plan: Plan) -> nn.Module:
+    if config.startswith("fusion_"):
+        from .bench_fusion import fusion_train_model
+
+        return fusion_train_model(config, plan)
     if config == "target_only":
         return random_causal_lm(target_config(plan.shapes), torch.float32, plan.device).train()
     source = None
@@ -763,15 +772,16 @@ def run_train_subprocess(config: str, plan: Plan) -> TrainRow:
     return row
 
 
-def bench_train(plan: Plan) -> list[TrainRow]:
+def bench_train(plan: Plan, configs: Sequence[str] = TRAIN_CONFIGS) -> list[TrainRow]:
     rows = []
-    for config in TRAIN_CONFIGS:
+    for config in configs:
         log(f"train {config}: batch {plan.train_batch} x {plan.train_seq} tokens, fresh subprocess")
         rows.append(run_train_subprocess(config, plan))
         log(f"  {rows[-1].step_s:.3f} s/step, peak {rows[-1].peak_memory_bytes / GIB:.2f} GiB, {rows[-1].cpu}")
     by_name = {row.config: row for row in rows}
     for row in rows:
-        row.speedup_vs_without_cache = ratio(by_name["without_cache"].step_s, row.step_s)
+        uncached = by_name.get("fusion_without_cache" if row.config.startswith("fusion_") else "without_cache")
+        row.speedup_vs_without_cache = ratio(uncached.step_s, row.step_s) if uncached else None
         row.memory_vs_target_only = ratio(row.peak_memory_bytes, by_name["target_only"].peak_memory_bytes)
     return rows
 
@@ -842,13 +852,13 @@ def markdown(result: dict) -> str:
     lines += [f"| `{k}` | {_fmt(v)} |" for k, v in result["headline"].items()]
     lines += ["", "## Decode (greedy, batch x prompt + new tokens)", "",
               "`cores` = cores used by this benchmark / by other processes while the row was measured.", "",
-              "| method | batch | prompt | new | tokens/s | prefill s | s/token after prefill | vs release loop | "
+              "| method | batch | prompt | new | tokens/s | prefill s | s/token after prefill | vs baseline | "
               "per-token s at attended length | growth | TFLOP/s | MFU | cores | measured |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["decode"]:
         curve = ", ".join(f"{k}: {v:.4g}" for k, v in r["per_token_s"].items())
         lines.append(f"| {r['method']} | {r['batch']} | {r['prompt']} | {r['new_tokens']} | {r['tokens_per_s']:.4g} | "
-                     f"{_fmt(r['prefill_s'])} | {_fmt(r['decode_step_s'])} | {_fmt(r['speedup_vs_baseline'])}x | "
+                     f"{_fmt(r['prefill_s'])} | {_fmt(r['decode_step_s'])} | {_fmt(r['speedup_vs_baseline'])}x {r['baseline']} | "
                      f"{curve} | {_fmt(r['per_token_growth'])} | {_fmt(_tera(r['achieved_flops']))} | {_fmt(r['mfu'])} | "
                      f"{_cores(r['cpu'])} | {r['measured']} |")
     lines += ["", "## Training step (AdamW, same batch and sequence length)", "",
@@ -891,7 +901,9 @@ def _cores(usage: dict | None) -> str:
 
 def write_results(result: dict, folder: Path) -> tuple[Path, Path]:
     plan = result["plan"]
-    stem = f"bench-{plan['shapes']}-{plan['device'].split(':')[0]}-{plan['dtype']}{'-quick' if plan['quick'] else ''}"
+    topology = "fusion-" if result.get("topology") == "fusion" else ""
+    stem = (f"bench-{topology}{plan['shapes']}-{plan['device'].split(':')[0]}-{plan['dtype']}"
+            f"{'-quick' if plan['quick'] else ''}")
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -952,6 +964,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--skip", action="append", choices=("decode", "train"), default=[])
     parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--topology", choices=("bridge", "fusion"), default="bridge",
+                        help="fusion: the fusion topology's run (prompt memory decode, cached training) against "
+                             "the source alone and the target alone")
     parser.add_argument("--train-worker", help=argparse.SUPPRESS)
     return parser.parse_args(list(argv))
 
@@ -976,7 +991,12 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cpu" and os.getloadavg()[0] > 1.0:
         log(f"warning: load average {os.getloadavg()[0]:.1f}: other processes use the CPU, timings will suffer; "
             "--threads N (N = free cores) avoids waiting on descheduled threads")
-    result = run(plan, set(args.skip))
+    if args.topology == "fusion":
+        from .bench_fusion import run_fusion
+
+        result = run_fusion(plan, set(args.skip))
+    else:
+        result = run(plan, set(args.skip))
     json_path, md_path = write_results(result, args.output_dir)
     print(markdown(result))
     log(f"wrote {json_path} and {md_path}")

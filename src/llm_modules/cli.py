@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("llm_modules.evaluation.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),
     "compare": ("llm_modules.evaluation.compare", "compare_main", "run every transfer method on one harness, write a report"),
     "bench": ("llm_modules.bench", "bench_main", "decode/training/memory benchmarks against the alternatives"),
+    "serve": ("llm_modules.serving.command", "serve_main", "OpenAI-compatible server + side-by-side page for a saved model"),
 }
 
 

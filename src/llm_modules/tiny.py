@@ -141,3 +141,25 @@ def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_tiny_composed(folder: str | Path, source: str = "qwen2", target: str = "gpt_neo", seed: int = 0,
+                       **options) -> Path:
+    """A tiny random composed model saved with ``save_pretrained`` in ``folder``, its tiny source and target
+    saved beside it (``folder/source``, ``folder/target``): something to serve or benchmark in seconds.
+    ``options``: ``LLMModulesForCausalLM.compose`` options (default 4 heads, adapter 16, no dropout)."""
+    import torch
+
+    from .model.modeling import LLMModulesForCausalLM
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer()
+    parts = {}
+    for role, family, hidden in (("source", source, 48), ("target", target, 32)):
+        parts[role] = save_tiny(tiny_model(family, tokenizer, seed=seed, hidden=hidden), tokenizer, folder / role)
+    torch.manual_seed(seed)
+    model = LLMModulesForCausalLM.compose(
+        str(parts["source"]), str(parts["target"]), **{"heads": 4, "adapter_dim": 16, "attention_dropout": 0.0, **options}
+    )
+    model.save_pretrained(folder / "composed")
+    return folder / "composed"

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..training.alignment import CompositionCollator, align_row
 from ..training.data import (
     IGNORE_INDEX,
     DataError,
@@ -120,12 +121,20 @@ def answer_nll(model, examples: list[dict], pad_token_id: int, batch_size: int =
     examples: {"input_ids": [T], "labels": [T]} (-100 outside the answer); batches are right-padded,
     the model gets input_ids [B, T] + attention_mask [B, T] and returns logits [B, T, V].
     """
-    collate = PaddingCollator(pad_token_id)
+    processor = getattr(model, "processor", None)  # fusion: the source reads the rows as it did in training
+    collate = PaddingCollator(pad_token_id) if processor is None else CompositionCollator(pad_token_id)
     device = next(p for p in model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate([{k: e[k] for k in ("input_ids", "labels")} for e in examples[start: start + batch_size]])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        features = []
+        for example in examples[start: start + batch_size]:
+            feature = {k: example[k] for k in ("input_ids", "labels")}
+            if processor is not None:
+                feature.update(align_row(processor, feature["input_ids"], feature["labels"]))
+            features.append(feature)
+        batch = collate(features)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
         targets = batch["labels"][:, 1:].to(device)
         for row in range(logits.shape[0]):  # one row at a time: fp32 copies of [T, V] only
             total += float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row],

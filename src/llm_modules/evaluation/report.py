@@ -282,19 +282,19 @@ def _curves_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
     return path
 
 
-def _bridges(runs: Sequence[MethodRun]) -> list[MethodRun]:
-    return [r for r in runs if r.spec.kind == "bridge" and r.seed == runs[0].seed and r.inspection]
+def _bridges(runs: Sequence[MethodRun], kinds: tuple[str, ...] = ("bridge",)) -> list[MethodRun]:
+    return [r for r in runs if r.spec.kind in kinds and r.seed == runs[0].seed and r.inspection]
 
 
 def _gates_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
-    bridges = [r for r in _bridges(runs) if r.inspection.get("gates")]
+    bridges = [r for r in _bridges(runs, ("bridge", "fusion")) if r.inspection.get("gates")]
     if not bridges:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in bridges:
         gates = run.inspection["gates"]
         ax.plot(range(1, len(gates) + 1), gates, marker="o", label=run.spec.name)
-    ax.set(xlabel="connector layer", ylabel="mean gate opening (last test batch)", ylim=(0, 1.05))
+    ax.set(xlabel="connector layer / fusion block", ylabel="mean gate opening (last test batch)", ylim=(0, 1.05))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,10 +6,14 @@ from transformers import PreTrainedConfig
 
 from ..errors import LLMModulesError
 
-TOPOLOGIES = ("bridge",)
+TOPOLOGIES = ("bridge", "fusion")
 TARGET_INITS = ("pretrained", "random")
 GATES = ("sigmoid", "tanh")
-HEADS = ("new", "source", "source_mix", "source_pointer")
+BRIDGE_HEADS = ("new", "source", "source_mix", "source_pointer")
+FUSION_HEADS = ("target", "source_mix", "source_pointer")
+HEADS = tuple(dict.fromkeys(BRIDGE_HEADS + FUSION_HEADS))
+MEMORIES = ("prompt", "sequence")
+TRAIN_TARGETS = ("none", "all", "lora")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -26,6 +30,11 @@ class LLMModulesConfig(PreTrainedConfig):
 
     Paper defaults (Kolomeitsev 2025): 2 connector layers, 8 heads, adapter width 256,
     intermediate width (d_source + d_target) // 2, sigmoid gate, new head over the source vocabulary.
+
+    Fusion (``topology="fusion"``): blocks before target layers ``fusion_layers`` (default every
+    ``fusion_every``-th from 0) read source layers ``source_layers`` (one for all, or one per block);
+    ``memory`` is what the source reads (the prompt once, or the whole sequence along the way);
+    ``train_target`` which target weights train (none, the default as in CALM; all; or LoRA adapters).
     """
 
     model_type = "llm_modules"
@@ -49,12 +58,34 @@ class LLMModulesConfig(PreTrainedConfig):
     head: str = "new"
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
+    memory: str = "prompt"
+    fusion_layers: list[int] | None = None
+    fusion_every: int = 4
+    source_layers: list[int] | None = None
+    train_target: str = "none"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    shared_tokenizer: bool | None = None
 
     def __post_init__(self, **kwargs):
         _check_choice("topology", self.topology, TOPOLOGIES)
         _check_choice("target_init", self.target_init, TARGET_INITS)
         _check_choice("gate", self.gate, GATES)
-        _check_choice("head", self.head, HEADS)
+        _check_choice("head", self.head, FUSION_HEADS if self.topology == "fusion" else BRIDGE_HEADS)
+        _check_choice("memory", self.memory, MEMORIES)
+        _check_choice("train_target", self.train_target, TRAIN_TARGETS)
+        if self.topology == "fusion" and self.head in ("source_mix", "source_pointer"):
+            if self.memory != "sequence":
+                raise LLMModulesError(f"head={self.head!r} mixes in the source's next-token distribution at every "
+                                      "position, so the source must read along: use memory='sequence'")
+            if self.shared_tokenizer is False:
+                raise LLMModulesError(f"head={self.head!r} reads the source's vocabulary, but the source and target "
+                                      "tokenizers differ; use head='target' (or a same-tokenizer pair)")
+        if self.topology == "fusion" and self.target_init == "random" and self.train_target != "all":
+            raise LLMModulesError("a randomly initialised fusion target must train: use train_target='all' "
+                                  "(or target_init='pretrained')")
         for name in ("connector_layers", "heads", "adapter_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "connector_layers" else 1):

@@ -1,11 +1,19 @@
 """Resolve "a hub id, a local folder or a loaded model" into models, configs and tokenizers.
 
 Every failure becomes an ``LLMModulesError`` that says what was given and what would work.
+Weights load from safetensors only (``use_safetensors=True``: a folder holding only pickled
+``pytorch_model.bin`` weights is refused, since unpickling can run code), and code shipped with a
+model (``trust_remote_code``) runs only inside ``with allow_remote_code(True):``, which the
+``trust_remote_code`` run option sets.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -24,6 +32,43 @@ from ..errors import LLMModulesError
 
 ModelLike = str | os.PathLike | PreTrainedModel
 
+# Off unless a caller asks (the run option trust_remote_code): a context variable, so that every
+# loader below honours it without threading a flag through each model-building signature.
+_REMOTE_CODE: ContextVar[bool] = ContextVar("llm_modules_trust_remote_code", default=False)
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+@contextmanager
+def allow_remote_code(allowed: bool = True) -> Iterator[None]:
+    """Within this block, loaders pass ``trust_remote_code=allowed`` to transformers (default: False)."""
+    token = _REMOTE_CODE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def _safe_kwargs(revision: str | None = None, weights: bool = False) -> dict:
+    """Keyword arguments every ``from_pretrained`` here gets: no remote code unless allowed, safetensors weights."""
+    kwargs: dict = {"trust_remote_code": _REMOTE_CODE.get()}
+    if revision:
+        kwargs["revision"] = revision
+    if weights:
+        kwargs["use_safetensors"] = True
+    return kwargs
+
+
+def _refuse_pickled_weights(role: str, name: object) -> None:
+    folder = Path(str(name)).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.gguf")):
+        pickled = [p.name for p in folder.iterdir() if p.name in PICKLED_WEIGHTS or p.suffix in (".bin", ".pt", ".pth")]
+        if pickled:
+            raise LLMModulesError(
+                f"the {role} folder {folder} holds pickled weights ({', '.join(sorted(pickled))}) and no safetensors; "
+                "llm-modules loads safetensors only (unpickling can run code). Convert them once where you trust the "
+                "file: AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)"
+            )
+
 
 def _describe(name: object) -> str:
     return f"'{name}'"
@@ -35,6 +80,9 @@ def _looks_local(name: str) -> bool:
 
 def _load_error(role: str, name: object, error: Exception) -> LLMModulesError:
     text = str(name)
+    if "trust_remote_code" in str(error) and not _REMOTE_CODE.get():
+        return LLMModulesError(f"the {role} model {_describe(name)} ships its own Python code, which llm-modules does not "
+                               "run unless asked: read that code, then set the run option trust_remote_code: true")
     if _looks_local(text) and not Path(text).expanduser().exists():
         hint = f"the folder {text} does not exist; give an existing folder holding config.json and weights"
     elif Path(text).expanduser().is_dir() and not (Path(text).expanduser() / "config.json").exists():
@@ -64,7 +112,8 @@ def load_causal_lm(role: str, name: ModelLike, revision: str | None = None, dtyp
         )
     if not isinstance(name, (str, os.PathLike)):
         raise LLMModulesError(f"the {role} must be a hub id, a folder or a loaded model, got {type(name).__name__}")
-    kwargs = {"revision": revision} if revision else {}
+    _refuse_pickled_weights(role, name)
+    kwargs = _safe_kwargs(revision, weights=True)
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)
     try:
@@ -79,7 +128,7 @@ def load_config(role: str, name: ModelLike | PreTrainedConfig, revision: str | N
     if isinstance(name, PreTrainedModel):
         return name.config
     try:
-        return AutoConfig.from_pretrained(str(name), **({"revision": revision} if revision else {}))
+        return AutoConfig.from_pretrained(str(name), **_safe_kwargs(revision))
     except Exception as error:
         raise _load_error(role, name, error) from error
 
@@ -109,12 +158,25 @@ def load_target_body(
         return target.base_model.float()
     if isinstance(target, torch.nn.Module):
         raise LLMModulesError(f"the target must be a transformers PreTrainedModel, got {type(target).__name__}")
+    _refuse_pickled_weights("target", target)
     try:
-        return AutoModel.from_pretrained(
-            str(target), dtype=torch.float32, **({"revision": revision} if revision else {})
-        )
+        return AutoModel.from_pretrained(str(target), dtype=torch.float32, **_safe_kwargs(revision, weights=True))
     except Exception as error:
         raise _load_error("target", target, error) from error
+
+
+def load_target_lm(target: ModelLike | PreTrainedConfig, init: str, revision: str | None = None) -> PreTrainedModel:
+    """The whole target causal LM (embeddings, body, head), as the fusion topology keeps it; float32."""
+    if init == "random":
+        return AutoModelForCausalLM.from_config(load_config("target", target, revision), dtype=torch.float32)
+    if isinstance(target, PreTrainedConfig):
+        raise LLMModulesError("target_init='pretrained' needs target weights; a config alone gives target_init='random'")
+    if isinstance(target, PreTrainedModel):
+        if not hasattr(target, "get_output_embeddings") or target.get_output_embeddings() is None:
+            raise LLMModulesError(f"the fusion target must be a causal LM with its head, got {type(target).__name__}")
+        return target.float()
+    model = load_causal_lm("target", target, revision)
+    return model.float()
 
 
 def load_tokenizer(name: ModelLike | PreTrainedTokenizerBase | None, role: str = "source") -> PreTrainedTokenizerBase:
@@ -126,7 +188,7 @@ def load_tokenizer(name: ModelLike | PreTrainedTokenizerBase | None, role: str =
     if not name:
         raise LLMModulesError(f"no tokenizer could be found for the {role}; pass tokenizer=... explicitly")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(name))
+        tokenizer = AutoTokenizer.from_pretrained(str(name), **_safe_kwargs())
     except Exception as error:
         raise LLMModulesError(
             f"could not load a tokenizer from {_describe(name)} ({type(error).__name__}: {error}); pass tokenizer=..."
@@ -134,3 +196,28 @@ def load_tokenizer(name: ModelLike | PreTrainedTokenizerBase | None, role: str =
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise LLMModulesError naming ``path`` unless it is a whole safetensors file.
+
+    Reads only the header: an 8-byte little-endian length, a JSON header, then the tensors'
+    byte ranges, which must end exactly at the end of the file (a truncated copy fails here).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
+            length = int.from_bytes(prefix, "little")
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes does not fit in {size} bytes")
+            header = json.loads(handle.read(length))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        if 8 + length + max(ends, default=0) != size:
+            raise ValueError(f"its tensors end at byte {8 + length + max(ends, default=0)}, the file has {size}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
+        raise LLMModulesError(f"{path} is not a complete safetensors file ({error}); it was truncated or "
+                              "damaged: delete it (or the checkpoint holding it) and write it again") from error

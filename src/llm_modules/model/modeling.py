@@ -1,15 +1,14 @@
-"""``LLMModulesForCausalLM``: a frozen source, Enhanced Cross-Attention and a small target, as one HF model.
+"""``LLMModulesForCausalLM``: a frozen source model read by a small target, as one HF model.
 
-Bridge topology (the paper's released architecture, research/methods.md §1.1):
+Two topologies (DESIGN.md §3), each in its own module:
 
-    input_ids [B, T] (source tokens)
-      -> frozen source (eval, no_grad) -> hidden_states[source_layer]   [B, T, d_s]
-      -> connector stack (masks.cross_attention_allowed: causal unless leaky) -> [B, T, d_t]
-      -> target body via inputs_embeds                                  [B, T, d_t]
-      -> head over the source vocabulary                                [B, T, V_src]
+- ``bridge.py``: the paper's released architecture. The source's states pass through Enhanced
+  Cross-Attention into the target's ``inputs_embeds``; a head predicts source tokens.
+- ``fusion.py``: the target keeps its tokenizer, embeddings and head; gated cross-attention blocks
+  inserted before some of its layers read the source (Flamingo/CALM); ``processing.py`` aligns two tokenizers.
 
-Decoding keeps three caches (``ComposedCache``): the source's KV cache, the connector's per-layer
-projected source keys/values, the target's KV cache. Each new token costs one step of each.
+This module composes the parts, runs the head (``heads.py``), computes the loss, plugs into
+``generate()`` and saves/loads (trainable weights only; source and frozen target are referenced).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    DynamicCache,
     GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
@@ -35,66 +33,45 @@ from transformers import (
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .configuration import LLMModulesConfig
-from .connector import ConnectorCache, EnhancedCrossAttention
 from ..errors import LLMModulesError
+from .bridge import BridgeCache, bridge_forward
+from .configuration import LLMModulesConfig
+from .connector import EnhancedCrossAttention
+from .fusion import Fusion, FusionCache, decoder_layers, default_fusion_layers, fusion_forward
+from .heads import MIXTURE_HEADS, SourceMixture
 from .loading import (
     ModelLike,
+    check_safetensors,
     config_from_dict,
     load_causal_lm,
     load_config,
     load_target_body,
+    load_target_lm,
     load_tokenizer,
     resolve_dtype,
 )
-from .masks import cross_attention_allowed, positions_from_padding
+from .masks import positions_from_padding
+from .processing import CompositionProcessor, first_differing_tokens, same_tokenizer
+from .source import read_source
 
 WEIGHTS_NAME = "model.safetensors"
+SOURCE_TOKENIZER_FOLDER = "source_tokenizer"
 # Families whose learned absolute position table is a hard length limit.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")
-MIX_FLOOR = 0.05  # head="source_mix"/"source_pointer": every path of the mixture keeps at least this weight
-POINTER_DIM = 64  # head="source_pointer": query/key width of the pointer attention
+SOURCE_INPUTS = ("source_input_ids", "source_attention_mask", "source_position_ids", "source_groups", "source_counts")
+COMPOSE_OPTIONS = ("leaky", "gate", "connector_layers", "heads", "adapter_dim", "intermediate_dim", "head",
+                   "source_layer", "attention_dropout", "topology", "memory", "fusion_layers", "fusion_every",
+                   "source_layers", "train_target", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 @dataclass
 class ComposedCausalLMOutput(CausalLMOutputWithPast):
     """``CausalLMOutputWithPast`` plus ``head_logits`` [B, T, V]: with a mixture head (source_mix, source_pointer)
-    in training mode, the new head's own logits. Training adds their cross-entropy to the mixture's, so that the
-    new head learns every token whatever the gate does (in training mode ``loss`` already includes it when ``labels``
-    are given; in evaluation mode ``loss`` is the mixture's alone)."""
+    in training mode, the base head's own logits. Training adds their cross-entropy to the mixture's, so that the
+    base head learns every token whatever the gate does (in training mode ``loss`` already includes it when
+    ``labels`` are given; in evaluation mode ``loss`` is the mixture's alone)."""
 
     head_logits: torch.FloatTensor | None = None
-
-
-@dataclass
-class ComposedCache:
-    """Decoding state of the composed model: one cache per stage."""
-
-    source: DynamicCache | None
-    connector: ConnectorCache
-    target: DynamicCache
-    # head="source_pointer": the past positions it may point at (projected keys [B, T, k], source states [B, T, d_s])
-    pointer_keys: torch.Tensor | None = None
-    pointer_states: torch.Tensor | None = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.connector.length()
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        for cache in (self.source, self.target):
-            if cache is not None:
-                cache.reorder_cache(beam_idx)
-        self.connector.reorder(beam_idx)
-        if self.pointer_keys is not None:
-            self.pointer_keys = self.pointer_keys.index_select(0, beam_idx.to(self.pointer_keys.device))
-            self.pointer_states = self.pointer_states.index_select(0, beam_idx.to(self.pointer_states.device))
-
-    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new positions' pointer keys/states; return all of them (past + new)."""
-        if self.pointer_keys is not None:
-            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
-        self.pointer_keys, self.pointer_states = keys, states
-        return keys, states
 
 
 def _hidden_size(config: PreTrainedConfig) -> int:
@@ -102,7 +79,7 @@ def _hidden_size(config: PreTrainedConfig) -> int:
 
 
 class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
-    """A frozen source model feeding a small target through Enhanced Cross-Attention.
+    """A frozen source model read by a small target (bridge or fusion topology).
 
     Build with :meth:`compose`; reload with :meth:`from_pretrained` (or ``AutoModelForCausalLM``
     once ``llm_modules`` is imported).
@@ -120,52 +97,54 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         source: PreTrainedModel | None = None,
         target: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        source_tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__(config)
+        fusion = config.topology == "fusion"
         if target is None:
             if not config.target_config:
                 raise LLMModulesError("LLMModulesConfig has no target_config; build the model with compose()")
-            target = load_target_body(config_from_dict(config.target_config), "random")
+            target_config = config_from_dict(config.target_config)
+            target = load_target_lm(target_config, "random") if fusion else load_target_body(target_config, "random")
         source_config = source.config if source is not None else None
         if source_config is None:
             if not config.source_config:
                 raise LLMModulesError("LLMModulesConfig has no source_config; build the model with compose()")
             source_config = config_from_dict(config.source_config)
         d_source, d_target = _hidden_size(source_config), _hidden_size(target.config)
-        self.connector = EnhancedCrossAttention(
-            d_source,
-            d_target,
-            layers=config.connector_layers,
-            heads=config.heads,
-            adapter_dim=config.adapter_dim,
-            intermediate_dim=config.intermediate_dim,
-            gate=config.gate,
-            attention_dropout=config.attention_dropout,
-        )
-        if config.head == "source":
-            self.head_projection = nn.Linear(d_target, d_source, bias=False)
+        self.source_vocab_size = int(source_config.get_text_config().vocab_size)  # rows the source can embed
+        if fusion:
+            layers = config.fusion_layers
+            if layers is None:
+                layers = default_fusion_layers(int(target.config.get_text_config().num_hidden_layers), config.fusion_every)
+            self.fusion = Fusion(d_source, d_target, layers, config.source_layers or [-1], config.heads,
+                                 config.adapter_dim, config.gate, config.attention_dropout)
         else:
-            self.lm_head = nn.Linear(d_target, config.vocab_size, bias=False)
-        if config.head in ("source_mix", "source_pointer"):
+            self.connector = EnhancedCrossAttention(
+                d_source, d_target, layers=config.connector_layers, heads=config.heads,
+                adapter_dim=config.adapter_dim, intermediate_dim=config.intermediate_dim, gate=config.gate,
+                attention_dropout=config.attention_dropout,
+            )
+            if config.head == "source":
+                self.head_projection = nn.Linear(d_target, d_source, bias=False)
+            else:
+                self.lm_head = nn.Linear(d_target, config.vocab_size, bias=False)
+        if config.head in MIXTURE_HEADS:
             if config.source_layer != -1:
                 raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
-            # Per-position weights of the mixture's paths (source_mix: [source here, new head], one logit, starts
-            # at 0.5; source_pointer: [source here, source at the pointed position, new head], softmax of 3).
-            self.mix_gate = nn.Linear(d_target, 1 if config.head == "source_mix" else 3)
-        if config.head == "source_pointer":
-            # One causal attention head over past positions; it picks the source state whose next-token
-            # distribution is mixed in. Queries come from the target's stream (which knows where in the format it
-            # is); keys from both streams: the source's state says "a fact's value comes next" whatever the
-            # entity's name, where the target's alone let the pointer land a few tokens off on names of another
-            # length (measured in the fact world: it pointed at "that" instead of "is" and answered the name).
-            self.pointer_query = nn.Linear(d_target, POINTER_DIM, bias=False)
-            self.pointer_key = nn.Linear(d_target, POINTER_DIM, bias=False)
-            self.pointer_key_source = nn.Linear(d_source, POINTER_DIM, bias=False)
+            self.mixture = SourceMixture(d_target, d_source, pointer=config.head == "source_pointer")
         self.post_init()
         # Attached after post_init so that HF weight initialisation never touches pretrained weights.
         self.target = target
         self.source = source
         self.tokenizer = tokenizer
+        self.source_tokenizer = source_tokenizer if source_tokenizer is not None else tokenizer
+        if fusion:
+            if config.train_target == "lora":
+                _add_lora(target, config)
+            self.fusion.attach(target)
+            self.processor = CompositionProcessor(tokenizer, self.source_tokenizer, config.memory,
+                                                  shared=config.shared_tokenizer)
         self._freeze()
 
     # ----------------------------------------------------------------------------------------- build
@@ -176,6 +155,7 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         target: ModelLike | PreTrainedConfig,
         *,
         tokenizer: PreTrainedTokenizerBase | str | None = None,
+        source_tokenizer: PreTrainedTokenizerBase | str | None = None,
         source_config: PreTrainedConfig | None = None,
         source_revision: str | None = None,
         source_dtype: str | None = None,
@@ -184,31 +164,47 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> LLMModulesForCausalLM:
         """Compose a frozen ``source`` and a ``target`` (hub ids, folders or loaded models).
 
-        options: any ``LLMModulesConfig`` field (``leaky``, ``gate``, ``connector_layers``, ``heads``,
-        ``adapter_dim``, ``intermediate_dim``, ``head``, ``source_layer``, ``attention_dropout``).
-        ``source=None`` with ``source_config`` builds a model that runs only on precomputed
-        ``source_states`` (training from the source-state cache).
+        options: any of ``COMPOSE_OPTIONS``. ``topology="bridge"`` (default: the paper's graph; the model reads
+        and writes source tokens, ``tokenizer`` defaults to the source's) or ``"fusion"`` (the target keeps its
+        own tokenizer, embeddings and head; ``tokenizer`` defaults to the target's, ``source_tokenizer`` to the
+        source's; gates default to tanh at 0, cross-attention heads to the target's).
+        ``source=None`` with ``source_config`` builds a model that runs only on precomputed ``source_states``
+        (training from the source-state cache).
         """
-        unknown = set(options) - set(LLMModulesConfig.__dataclass_fields__)
+        unknown = set(options) - set(COMPOSE_OPTIONS)
         if unknown:
-            raise LLMModulesError(
-                f"unknown option(s) {sorted(unknown)}; valid options: leaky, gate, connector_layers, heads, "
-                "adapter_dim, intermediate_dim, head, source_layer, attention_dropout"
-            )
+            raise LLMModulesError(f"unknown option(s) {sorted(unknown)}; valid options: {', '.join(COMPOSE_OPTIONS)}")
         if source is None and source_config is None:
             raise LLMModulesError("give a source model, or source_config=... to train from cached source states")
-        source_model = None if source is None else load_causal_lm("source", source, source_revision, source_dtype)
-        source_config = source_model.config if source_model is not None else load_config("source", source_config)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(source, "source") if source is not None else None
-        elif isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(str(tokenizer))
-        if tokenizer is None:
-            raise LLMModulesError("without a source model, pass the source's tokenizer=...")
         if target_init not in ("pretrained", "random"):
             raise LLMModulesError(f"target_init={target_init!r} is not supported; choose 'pretrained' or 'random'")
-        body = load_target_body(target, target_init)
-        vocab = max(int(source_config.get_text_config().vocab_size), len(tokenizer))
+        fusion = options.get("topology", "bridge") == "fusion"
+        source_model = None if source is None else load_causal_lm("source", source, source_revision, source_dtype)
+        source_config = source_model.config if source_model is not None else load_config("source", source_config)
+        source_tok = None  # fusion only: the source reads with its own tokenizer
+        if fusion:
+            source_tok = _tokenizer_of(source_tokenizer, source, "source")
+            target_tok = _tokenizer_of(tokenizer, target, "target")
+            body = load_target_lm(target, target_init)
+            options.setdefault("gate", "tanh")
+            options.setdefault("head", "target")
+            options.setdefault("heads", int(body.config.get_text_config().num_attention_heads))
+            shared = source_tok is None or same_tokenizer(target_tok, source_tok)
+            source_tok = target_tok if source_tok is None else source_tok
+            if options.get("head") in MIXTURE_HEADS and not shared:
+                raise LLMModulesError(
+                    f"head={options['head']!r} mixes in the source's next-token distribution, which needs one "
+                    f"vocabulary; these tokenizers differ ({'; '.join(first_differing_tokens(target_tok, source_tok))})")
+            vocab = int(body.config.get_text_config().vocab_size)
+            tokenizer_for_ids = target_tok
+        else:
+            target_tok = _tokenizer_of(tokenizer, None, "source") or _tokenizer_of(source_tokenizer, source, "source")
+            if target_tok is None:
+                raise LLMModulesError("without a source model, pass the source's tokenizer=...")
+            body = load_target_body(target, target_init)
+            shared = True
+            vocab = max(int(source_config.get_text_config().vocab_size), len(target_tok))
+            tokenizer_for_ids = target_tok
         config = LLMModulesConfig(
             source_name_or_path=_name_of(source, source_model),
             source_revision=source_revision,
@@ -218,16 +214,19 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             target_config=body.config.to_dict(),
             target_init=target_init,
             vocab_size=vocab,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
+            shared_tokenizer=shared,
+            pad_token_id=tokenizer_for_ids.pad_token_id,
+            eos_token_id=tokenizer_for_ids.eos_token_id,
+            bos_token_id=tokenizer_for_ids.bos_token_id,
             **options,
         )
-        model = cls(config, source=source_model, target=body, tokenizer=tokenizer)
+        model = cls(config, source=source_model, target=body, tokenizer=tokenizer_for_ids,
+                    source_tokenizer=source_tok)
+        pad = tokenizer_for_ids.pad_token_id
         model.generation_config = GenerationConfig(
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.bos_token_id,
+            pad_token_id=pad if pad is not None else tokenizer_for_ids.eos_token_id,
+            eos_token_id=tokenizer_for_ids.eos_token_id,
+            bos_token_id=tokenizer_for_ids.bos_token_id,
         )
         return model
 
@@ -235,10 +234,18 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         if self.source is not None:
             self.source.eval()
             self.source.requires_grad_(False)
-        # The bridge feeds the target through inputs_embeds: its token embeddings are never read.
-        embeddings = self.target.get_input_embeddings()
-        if embeddings is not None:
-            embeddings.requires_grad_(False)
+        if self.config.topology == "fusion":
+            choice = self.config.train_target
+            if choice == "none":
+                self.target.requires_grad_(False)
+            elif choice == "lora":
+                for name, parameter in self.target.named_parameters():
+                    parameter.requires_grad_("lora_" in name)
+        else:
+            # The bridge feeds the target through inputs_embeds: its token embeddings are never read.
+            embeddings = self.target.get_input_embeddings()
+            if embeddings is not None:
+                embeddings.requires_grad_(False)
         # Frozen weights are never saved; Trainer reads this set to know their absence is expected.
         self._keys_to_ignore_on_save = set(self.state_dict()) - set(self.trainable_state_dict())
 
@@ -246,23 +253,36 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         super().train(mode)
         if self.source is not None:
             self.source.eval()  # frozen: no dropout, ever
+        if self.config.topology == "fusion" and self.config.train_target == "none":
+            self.target.eval()  # frozen as in CALM: the composed model is the target plus the blocks' updates
         return self
 
     def _init_weights(self, module: nn.Module) -> None:
         """Keep PyTorch's default initialisation (as the release); tanh gates start at 0 in their constructor."""
 
     def get_input_embeddings(self) -> nn.Module | None:
+        if self.config.topology == "fusion":
+            return self.target.get_input_embeddings()
         return None if self.source is None else self.source.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module | None:
+        if self.config.topology == "fusion":
+            return self.target.get_output_embeddings()
         return getattr(self, "lm_head", None)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The cross-attention layers: the bridge's connector stack or the fusion blocks."""
+        return self.fusion.blocks if self.config.topology == "fusion" else self.connector.layers
+
     def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named optimizer groups: ``connector`` and ``target`` (target body + output head)."""
+        """Named optimizer groups: ``connector`` (the new cross-attention modules) and ``target`` (the target's
+        weights that train; for the bridge also its new head and mixture gate, as the paper's graph trains them)."""
+        new_modules = ("connector.", "fusion.", "mixture.") if self.config.topology == "fusion" else ("connector.",)
         groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": []}
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                groups["connector" if name.startswith("connector.") else "target"].append(parameter)
+                groups["connector" if name.startswith(new_modules) else "target"].append(parameter)
         return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -271,22 +291,24 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
 
     def gate_values(self) -> list[float]:
         """Mean opening of each cross-attention gate at the last forward pass (NaN before any), for plots and pages."""
-        return self.connector.gate_values()
+        return [float("nan") if layer.last_gate is None else float(layer.last_gate) for layer in self.blocks]
 
     @property
     def source_hidden_size(self) -> int:
         return _hidden_size(config_from_dict(self.config.source_config))
 
     # --------------------------------------------------------------------------------------- forward
-    @torch.no_grad()
     def source_states(
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: DynamicCache | None = None,
+        cache=None,
+        layers: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """Frozen source states the bridge reads: [B, T] ids -> [B, T, d_s] (what the source-state cache stores)."""
+        """Frozen source states the model reads: [B, T] source ids -> [B, T, d_s] for the bridge (its
+        ``source_layer``), [B, T, L, d_s] for fusion (its read layers, + the last one for mixture heads).
+        This is what the source-state cache stores."""
         if self.source is None:
             raise LLMModulesError(
                 "this model was built without its source (cache-only); pass source_states=..., "
@@ -296,26 +318,18 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_padding(attention_mask)[:, -input_ids.shape[1]:]
-        layer = self.config.source_layer
-        output = self.source.base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=cache is not None,
-            output_hidden_states=layer != -1,
-        )
-        if layer == -1:
-            states = getattr(output, "last_hidden_state", None)
-        else:
-            hidden = getattr(output, "hidden_states", None)
-            states = None if hidden is None else hidden[layer]
-        if states is None:
-            raise LLMModulesError(
-                f"the source {type(self.source).__name__} returned no hidden states; the bridge needs a transformers "
-                "causal LM whose base model returns last_hidden_state / supports output_hidden_states=True"
-            )
-        return states
+        if self.config.topology == "bridge":
+            return read_source(self.source, input_ids, attention_mask, position_ids, (self.config.source_layer,), cache)[0]
+        return torch.stack(read_source(self.source, input_ids, attention_mask, position_ids,
+                                       layers or self.source_read_layers, cache), dim=2)
+
+    @property
+    def source_read_layers(self) -> tuple[int, ...]:
+        """Fusion: the source layers its blocks read, plus the last one when a mixture head needs it."""
+        layers = self.fusion.read_layers
+        if self.config.head in MIXTURE_HEADS and -1 not in layers:
+            layers = (*layers, -1)
+        return layers
 
     def _check_length(self, positions: torch.Tensor) -> None:
         target_config = self.target.config
@@ -334,25 +348,33 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         source_states: torch.Tensor | None = None,
-        cache: ComposedCache | None = None,
+        cache: BridgeCache | FusionCache | None = None,
         use_cache: bool | None = None,
         position_ids: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         output_attentions: bool = False,
         return_dict: bool = True,
+        source_input_ids: torch.LongTensor | None = None,
+        source_attention_mask: torch.Tensor | None = None,
+        source_position_ids: torch.LongTensor | None = None,
+        source_groups: torch.LongTensor | None = None,
+        source_counts: torch.LongTensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """input_ids [B, T] source tokens (or source_states [B, T, d_s]); labels [B, T], -100 ignored, shifted here.
+    ) -> ComposedCausalLMOutput:
+        """input_ids [B, T]: source tokens (bridge) or target tokens (fusion); labels [B, T], -100 ignored, shifted here.
 
+        Bridge: ``source_states`` [B, T, d_s] replaces running the source. Fusion: the ``source_*`` tensors come
+        from ``model.processor`` (or are derived from ``input_ids``); ``source_states`` [B, S, L, d_s] from the cache.
         With ``cache`` only the new positions are given and ``attention_mask`` covers past + new.
         ``logits_to_keep=k`` computes the head on the last k positions only (decoding).
         """
-        if input_ids is None and source_states is None:
-            raise LLMModulesError("forward needs input_ids or source_states")
-        batch, length = (input_ids if input_ids is not None else source_states).shape[:2]
+        fusion = self.config.topology == "fusion"
+        if input_ids is None and (fusion or source_states is None):
+            raise LLMModulesError("forward needs input_ids" + ("" if fusion else " or source_states"))
+        reference = input_ids if input_ids is not None else source_states
+        batch, length = reference.shape[:2]
         use_cache = bool(use_cache) and not self.config.leaky
         past = cache.get_seq_length() if cache is not None else 0
-        reference = input_ids if input_ids is not None else source_states
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=reference.device)
         if attention_mask.shape[1] != past + length:
@@ -361,48 +383,22 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             )
         position_ids = positions_from_padding(attention_mask)[:, past:]
         self._check_length(position_ids)
-        if use_cache and cache is None:
-            cache = ComposedCache(
-                source=DynamicCache(config=self.source.config) if self.source is not None else None,
-                connector=ConnectorCache(),
-                target=DynamicCache(config=self.target.config),
-            )
-        if source_states is None:
-            source_states = self.source_states(
-                input_ids, attention_mask, position_ids, cache.source if cache is not None else None
-            )
-        connector_dtype = self.connector.pre_proj.weight.dtype
-        absolute = torch.arange(past + length, device=attention_mask.device).expand(batch, -1)
-        allowed = cross_attention_allowed(
-            absolute[:, past:], absolute, key_valid=attention_mask, leaky=self.config.leaky
-        )
-        embeds, attention_maps = self.connector(
-            source_states.to(connector_dtype),
-            allowed,
-            cache.connector if cache is not None else None,
-            return_attention=output_attentions,
-        )
-        target_output = self.target(
-            inputs_embeds=embeds.to(self.target.dtype),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache.target if cache is not None else None,
-            use_cache=use_cache,
-        )
-        hidden = target_output.last_hidden_state
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        pointer = {}
-        if self.config.head == "source_pointer":
-            # keys are projected once per position and cached projected: a decode step projects only its own
-            dtype = self.pointer_key.weight.dtype
-            keys = self.pointer_key(target_output.last_hidden_state.to(dtype)) + self.pointer_key_source(
-                source_states[:, -target_output.last_hidden_state.shape[1]:].to(dtype))
-            states = source_states
-            if cache is not None:
-                keys, states = cache.extend_pointer(keys, states)
-            pointer = dict(pointer_keys=keys, pointer_states=states, pointer_valid=attention_mask)
-        logits, head_logits = self._head(hidden, source_states[:, -hidden.shape[1]:], **pointer)
+        head_logits = attention_maps = None
+        if fusion:
+            inputs = dict(source_input_ids=source_input_ids, source_attention_mask=source_attention_mask,
+                          source_position_ids=source_position_ids, source_groups=source_groups,
+                          source_counts=source_counts, source_states=source_states)
+            logits, hidden, here, cache = fusion_forward(self, input_ids, attention_mask, position_ids, cache,
+                                                         use_cache, logits_to_keep, inputs)
+            if self.config.head in MIXTURE_HEADS:
+                logits, head_logits = self._mix(hidden, logits, here, attention_mask, cache, logits_to_keep)
+        else:
+            hidden, states, attention_maps, cache = bridge_forward(self, input_ids, attention_mask, position_ids,
+                                                                   source_states, cache, use_cache, output_attentions)
+            full_hidden = hidden
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits, head_logits = self._bridge_head(hidden, full_hidden, states, attention_mask, cache)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels)
@@ -413,66 +409,48 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             logits=logits,
             head_logits=head_logits if self.training else None,
             cache=cache if use_cache else None,
-            attentions=tuple(attention_maps) if output_attentions else None,
+            attentions=tuple(attention_maps) if output_attentions and attention_maps else None,
         )
 
-    def _point(self, hidden: torch.Tensor, keys: torch.Tensor, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Pointer attention: hidden [B, t, d_t] (the last t of T positions), projected keys [B, T, POINTER_DIM],
-        states [B, T, d_s], valid [B, T] (not padding) -> [B, t, d_s], a causal attention-weighted sum of source states."""
-        t, total = hidden.shape[1], keys.shape[1]
-        scores = self.pointer_query(hidden) @ keys.transpose(1, 2) / POINTER_DIM**0.5  # [B, t, T]
-        rows = torch.arange(total - t, total, device=hidden.device)[:, None]
-        columns = torch.arange(total, device=hidden.device)[None, :]
-        # causal and not padding; a padding query keeps its own position, so that its row is not all -inf (NaN)
-        allowed = ((columns <= rows)[None] & valid[:, None, :].bool()) | (columns == rows)[None]
-        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1)
-        return weights.to(states.dtype) @ states
-
-    def _head(self, hidden: torch.Tensor, source_states: torch.Tensor, pointer_keys: torch.Tensor | None = None,
-              pointer_states: torch.Tensor | None = None, pointer_valid: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next-token logits over the source vocabulary: hidden [B, T, d_t], source_states [B, T, d_s] -> ([B, T, V],
-        the new head's own logits [B, T, V] for a mixture head, else None).
-
-        new:        a fresh linear head (the release).
-        source:     a learned d_t -> d_s projection into the source's frozen output head.
-        source_mix: log(g * p_source + (1 - g) * p_new), g = sigmoid(w . hidden) per position (kept off 0 and 1): the
-                    source's own next-token distribution mixed in, so every word it knows stays reachable.
-        source_pointer: log(g_here * p_source(here) + g_pointed * p_source(pointed) + g_new * p_new), g = softmax
-                    over three paths per position (each kept >= MIX_FLOOR). p_source(pointed) is the source's head on
-                    an attention-weighted sum of the source states at positions <= i (one causal pointer head,
-                    queries from the target's stream, keys from both streams): the model can repeat what the source predicted earlier,
-                    e.g. copy the fact its reasoning recalled into the answer, for words that never occurred in the
-                    transfer data. The "here" path is source_mix's; kept separate because a pointer that has to
-                    learn to stay on its own position fails on word pieces it never saw (measured in the fact
-                    world: unseen multi-token words came out stuttered, "nnickel").
-        """
+    def _bridge_head(self, hidden, full_hidden, states, attention_mask, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Bridge logits over the source vocabulary: hidden [B, t, d_t] -> ([B, t, V], base logits for mixtures)."""
         hidden = hidden.to(self.connector.pre_proj.weight.dtype)
         if self.config.head == "new":
-            return self.lm_head(hidden), None
+            return self._readable(self.lm_head(hidden)), None
         if self.config.head == "source":
             return self._source_head(self.head_projection(hidden)), None
-        paths = [self._source_head(source_states).log_softmax(-1)]  # each [B, T, V]
+        base = self._readable(self.lm_head(hidden).float())
+        return self._mix_paths(hidden, full_hidden, base, states, attention_mask, cache), base
+
+    def _readable(self, logits: torch.Tensor) -> torch.Tensor:
+        """The bridge's head is sized by the tokenizer, which can hold more entries than the source embeds
+        (a reloaded Qwen2 tokenizer adds <|endoftext|>); the bridge feeds its tokens back to the source, so ids
+        the source cannot read get -inf and are never sampled (without this, sampling one crashed the source)."""
+        readable = self.source_vocab_size
+        if logits.shape[-1] <= readable:
+            return logits
+        return logits.index_fill(-1, torch.arange(readable, logits.shape[-1], device=logits.device),
+                                 torch.finfo(logits.dtype).min)
+
+    def _mix(self, hidden, logits, here, attention_mask, cache, logits_to_keep) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fusion with a mixture head: the target's own logits are the base path."""
+        full_hidden = hidden
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self._mix_paths(hidden, full_hidden, logits.float(), here, attention_mask, cache), logits.float()
+
+    def _mix_paths(self, hidden, full_hidden, base, states, attention_mask, cache) -> torch.Tensor:
+        """hidden [B, t, d_t] (positions with logits), full_hidden [B, T, d_t] (new positions), base [B, t, V],
+        states [B, T, d_s] the source at each new position."""
+        pointer = None
         if self.config.head == "source_pointer":
-            pointed = self._point(hidden, pointer_keys, pointer_states, pointer_valid)
-            paths.append(self._source_head(pointed).log_softmax(-1))
-        new_logits = self.lm_head(hidden).float()
-        paths.append(new_logits.log_softmax(-1))
-        # Every weight kept >= MIX_FLOOR: a gate that saturates where the source is usually right cuts the new
-        # head's gradient at the positions where the source is wrong (measured in the fact world: the trace's
-        # format tokens after the thought never got learned). The floor alone was not enough with three paths:
-        # the gate kept choosing the source where the barely trained new head was worse (the training loss
-        # stalled at 0.28, -log 0.5 on format tokens), so training also adds the new head's own cross-entropy
-        # (forward returns head_logits for that; see ComposedCausalLMOutput).
-        logits = self.mix_gate(hidden).float()
-        if len(paths) == 2:
-            weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
-        else:
-            weights = logits.softmax(-1)  # [B, T, 3]
-        weights = MIX_FLOOR + (1 - len(paths) * MIX_FLOOR) * weights
-        log_weights = torch.log(weights)  # [B, T, paths]
-        mixed = torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
-        return mixed, new_logits
+            # keys are projected once per position and cached projected: a decode step projects only its own
+            keys = self.mixture.pointer_keys(full_hidden, states[:, -full_hidden.shape[1]:])
+            all_states = states
+            if cache is not None:
+                keys, all_states = cache.extend_pointer(keys, states)
+            pointer = (keys, all_states, attention_mask)
+        return self.mixture(hidden, base, self._source_head, states[:, -hidden.shape[1]:], pointer)
 
     def _source_head(self, states: torch.Tensor) -> torch.Tensor:  # [B, T, d_s] -> [B, T, V] fp32
         if self.source is None:
@@ -482,13 +460,21 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         missing = self.config.vocab_size - logits.shape[-1]
         if missing > 0:  # tokenizer entries beyond the source's vocabulary: the source never predicts them
             logits = F.pad(logits, (0, missing), value=torch.finfo(logits.dtype).min)
-        return logits
+        return logits[..., : self.config.vocab_size]
 
     # ------------------------------------------------------------------------------------ generation
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # Our cache is a ComposedCache that forward() creates; generate() must not make a DynamicCache.
+        # Our cache is a BridgeCache/FusionCache that forward() creates; generate() must not make a DynamicCache.
         return False
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor | None = None, **kwargs):
+        """``GenerationMixin.generate``; a fusion model given the target's ids alone derives what the source reads."""
+        if (self.config.topology == "fusion" and input_ids is not None and kwargs.get("source_counts") is None
+                and self.config.memory == "prompt" and not kwargs.get("use_cache", True)):
+            kwargs.update(self.processor.align_ids(input_ids, kwargs.get("attention_mask")))
+        return super().generate(input_ids, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, **kwargs):
         if self.config.leaky:
@@ -498,12 +484,27 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             kwargs["use_cache"] = False
         elif cache is not None and next_sequence_length is None:
             next_sequence_length = input_ids.shape[1] - cache.get_seq_length()
+        source_inputs = {k: kwargs.pop(k, None) for k in SOURCE_INPUTS}
         inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, **kwargs
         )
         inputs.setdefault("logits_to_keep", 1)
         inputs.pop("position_ids", None)  # recomputed from attention_mask in forward
+        if self.config.topology == "fusion":
+            started = cache is not None and cache.get_seq_length() > 0
+            uncached_sequence = cache is None and self.config.memory == "sequence"
+            if not started and not uncached_sequence:  # the first step, or recomputing with a fixed prompt memory
+                inputs.update({k: v for k, v in source_inputs.items() if v is not None})
         return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        counts = model_kwargs.get("source_counts")
+        if self.config.topology == "fusion" and counts is not None and self.config.memory == "prompt":
+            # recomputing with prompt memory: each new token reads the whole prompt
+            whole = model_kwargs["source_attention_mask"].sum(-1, keepdim=True).to(counts.dtype)
+            model_kwargs["source_counts"] = torch.cat([counts, whole], dim=1)
+        return model_kwargs
 
     # ------------------------------------------------------------------------------------- save/load
     def save_pretrained(
@@ -512,9 +513,9 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> None:
-        """Write config, trainable weights (safetensors), tokenizer, generation config and a model card.
+        """Write config, trainable weights (safetensors), tokenizer(s), generation config and a model card.
 
-        The source is referenced by ``config.source_name_or_path``, never copied.
+        The source (and a fusion model's frozen target) is referenced by name or path, never copied.
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -523,6 +524,9 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
                 "the source was given as an in-memory model without a folder or hub id; save it with "
                 "source.save_pretrained(DIR) and compose from DIR, so the saved model can reference it"
             )
+        if self.config.topology == "fusion" and self.config.train_target != "all" and not self.config.target_name_or_path:
+            raise LLMModulesError("the fusion target was given as an in-memory model; save it with "
+                                  "target.save_pretrained(DIR) and compose from DIR, so the saved model can reference it")
         keep = set(self.trainable_state_dict())
         tensors = state_dict if state_dict is not None else self.state_dict()
         weights = {name: t.detach().contiguous().cpu() for name, t in tensors.items() if name in keep}
@@ -531,6 +535,8 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         save_file(weights, folder / WEIGHTS_NAME, metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
+        if self.config.topology == "fusion" and not self.config.shared_tokenizer:
+            self.source_tokenizer.save_pretrained(folder / SOURCE_TOKENIZER_FOLDER)
         self.generation_config.save_pretrained(folder)
         (folder / "README.md").write_text(model_card(self.config, sum(t.numel() for t in weights.values())))
 
@@ -541,13 +547,13 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         *model_args,
         config: LLMModulesConfig | None = None,
         source: ModelLike | None = None,
+        target: ModelLike | None = None,
         load_source: bool = True,
         **kwargs,
     ) -> LLMModulesForCausalLM:
         """Rebuild a saved composed model: the source from ``config.source_name_or_path`` (or ``source=``),
-        the target from its stored config, then the saved trainable weights on top.
-
-        ``load_source=False`` skips the source (training or evaluation from cached source states).
+        the target from its stored config (bridge) or its reference (fusion, or ``target=``), then the saved
+        trainable weights on top. ``load_source=False`` skips the source (training or evaluation from cached states).
         """
         folder = _local_folder(pretrained_model_name_or_path, kwargs.get("revision"))
         if not isinstance(config, LLMModulesConfig):
@@ -556,14 +562,29 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         if not weights_file.exists():
             raise LLMModulesError(f"{folder} holds no {WEIGHTS_NAME}; is it a folder written by save_pretrained()?")
         tokenizer = load_tokenizer(str(folder), "saved model")
+        source_tokenizer = None
+        if (folder / SOURCE_TOKENIZER_FOLDER).is_dir():
+            source_tokenizer = load_tokenizer(str(folder / SOURCE_TOKENIZER_FOLDER), "saved model's source")
         source_model = None
         if load_source:
             source_ref = source if source is not None else config.source_name_or_path
             if source_ref is None:
                 raise LLMModulesError(f"{folder}/config.json names no source; pass source=... to from_pretrained")
             source_model = load_causal_lm("source", source_ref, config.source_revision, config.source_dtype)
-        body = load_target_body(config_from_dict(config.target_config), "random")
-        model = cls(config, source=source_model, target=body, tokenizer=tokenizer)
+        target_config = config_from_dict(config.target_config)
+        if config.topology == "fusion":
+            if config.train_target == "all":
+                body = load_target_lm(target if target is not None else target_config,
+                                      "pretrained" if target is not None else "random")
+            else:
+                reference = target if target is not None else config.target_name_or_path
+                if reference is None:
+                    raise LLMModulesError(f"{folder}/config.json names no target; pass target=... to from_pretrained")
+                body = load_target_lm(reference, "pretrained")
+        else:
+            body = load_target_body(target_config, "random")
+        model = cls(config, source=source_model, target=body, tokenizer=tokenizer, source_tokenizer=source_tokenizer)
+        check_safetensors(weights_file)  # a damaged or truncated file is named, never half-loaded
         state = load_file(weights_file)
         expected = set(model.trainable_state_dict())
         missing = sorted(expected - set(state))
@@ -580,9 +601,36 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config = GenerationConfig.from_pretrained(folder)
         dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
         if dtype not in (None, "auto"):
-            model.connector.to(resolve_dtype(dtype))
+            (model.fusion if config.topology == "fusion" else model.connector).to(resolve_dtype(dtype))
         return model.eval()
 
+
+def _add_lora(target: PreTrainedModel, config: LLMModulesConfig) -> None:
+    """LoRA adapters in the target's linear layers, through PEFT (injected in place: the target stays itself)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = config.lora_target_modules
+    if modules is None:  # PEFT's per-architecture defaults (attention projections)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        modules = defaults.get(target.config.model_type)
+        if modules is None:
+            raise LLMModulesError(f"no default LoRA modules for a {target.config.model_type} target; "
+                                  "set lora_target_modules (e.g. ['q_proj', 'v_proj'])")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(modules))
+    inject_adapter_in_model(lora, target)
+
+
+def _tokenizer_of(given, model_ref, role: str) -> PreTrainedTokenizerBase | None:
+    """A tokenizer given as an object or path, else the one saved beside ``model_ref`` (None if neither)."""
+    if isinstance(given, PreTrainedTokenizerBase):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        return load_tokenizer(str(given), role)
+    if model_ref is None or isinstance(model_ref, PreTrainedConfig):
+        return None
+    return load_tokenizer(model_ref, role)
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32: logits [B, T, V] predict labels shifted by one; -100 ignored."""
@@ -617,6 +665,15 @@ def _local_folder(name: str | os.PathLike, revision: str | None) -> Path:
         ) from error
 
 
+def _topology_line(config: LLMModulesConfig) -> str:
+    if config.topology == "fusion":
+        return (f"fusion (the target keeps its tokenizer and head; memory `{config.memory}`, target weights trained: "
+                f"`{config.train_target}`); gated cross-attention blocks before target layers "
+                f"{config.fusion_layers or f'every {config.fusion_every}'}, reading source layers {config.source_layers or [-1]}, "
+                f"{config.heads} heads,")
+    return (f"bridge; connector: {config.connector_layers} Enhanced Cross-Attention layers, {config.heads} heads,")
+
+
 def model_card(config: LLMModulesConfig, saved_parameters: int) -> str:
     """A short model card naming both base models and how to load the result."""
     target = config.target_name_or_path or f"a {config.target_config.get('model_type')} config"
@@ -629,7 +686,7 @@ base_model: [{json.dumps(config.source_name_or_path)}]
 
 - **Source (frozen, referenced, not stored here):** `{config.source_name_or_path}` (revision `{config.source_revision}`)
 - **Target:** `{target}` (init: `{config.target_init}`)
-- **Topology:** {config.topology}; connector: {config.connector_layers} Enhanced Cross-Attention layers, {config.heads} heads,
+- **Topology:** {_topology_line(config)}
   adapter {config.adapter_dim}, gate `{config.gate}`, head `{config.head}`, causal mask: {not config.leaky}
 - **Saved trainable parameters:** {saved_parameters:,}
 
@@ -638,8 +695,9 @@ import llm_modules  # registers the architecture with the Auto classes
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("THIS_FOLDER")  # loads the source from its reference
 ```
-Method: Kolomeitsev, *LLM Modules: Knowledge Transfer from a Large to a Small Model using Enhanced
-Cross-Attention*, arXiv:2502.08213 (2025). {"This model uses the released padding-only (leaky) mask: its teacher-forced loss is not a next-token loss." if config.leaky else ""}
+Methods: Kolomeitsev, *LLM Modules: Knowledge Transfer from a Large to a Small Model using Enhanced
+Cross-Attention*, arXiv:2502.08213 (2025); fusion after Flamingo (arXiv:2204.14198) and CALM
+(arXiv:2401.02412). {"This model uses the released padding-only (leaky) mask: its teacher-forced loss is not a next-token loss." if config.leaky else ""}
 """
 
 

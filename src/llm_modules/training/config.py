@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -18,18 +19,24 @@ from typing import Any
 import yaml
 
 from ..errors import LLMModulesError
+from .cache import DTYPES
+from .data import FORMATS, LOCAL_SUFFIXES, LOSS_ON, OVERLENGTH, TEMPLATES
+from .nonfinite import POLICIES
 
 
 @dataclass
 class TrainConfig:
     """One training run. Paper values (Kolomeitsev 2025) in brackets where they differ from ours."""
 
+    # --- which method trains: llm_modules (the composed model) | semalign (the target alone, training/semalign/)
+    method: str = "llm_modules"
+    semalign: dict = field(default_factory=dict)  # SemAlign's options (training/semalign/options.py); --semalign.KEY VALUE
     # --- what to compose and on what
     source: str | None = None  # hub id or folder of the frozen source model
     target: str | None = None  # hub id or folder of the target model
     data: str | None = None  # .jsonl/.json/.parquet file or hub dataset name
     output: str = "runs/llm-modules"
-    tokenizer: str | None = None  # default: the source's
+    tokenizer: str | None = None  # default: the source's (bridge) or the target's (fusion)
     source_revision: str | None = None
     dataset_split: str = "train"  # hub datasets
     validation_data: str | None = None  # a separate validation file (else a split of `data`)
@@ -46,21 +53,33 @@ class TrainConfig:
     overlength: str = "drop"  # drop [paper] | truncate
     on_bad_row: str = "error"  # error | skip (counted and reported)
     # --- the composed model
+    topology: str = "bridge"  # bridge [paper] | fusion (the target keeps its tokenizer, embeddings and head)
     target_init: str = "pretrained"  # pretrained | random [paper release]
     leaky: bool = False
-    gate: str = "sigmoid"
-    head: str = "new"
+    gate: str | None = None  # None: sigmoid for the bridge [paper], tanh at 0 for fusion
+    head: str | None = None  # None: new for the bridge [paper], target for fusion
     connector_layers: int = 2
-    heads: int = 8
+    heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
     adapter_dim: int = 256
     intermediate_dim: int | None = None
     attention_dropout: float = 0.1
     source_layer: int = -1
     source_dtype: str | None = None  # e.g. bfloat16
+    # --- fusion only
+    memory: str = "prompt"  # prompt (the source reads the prompt once) | sequence (it reads along)
+    fusion_layers: list[int] | None = None  # target layers with a block in front; None: every fusion_every-th
+    fusion_every: int = 4
+    source_layers: list[int] | None = None  # source hidden_states read by the blocks (one, or one per block)
+    train_target: str = "none"  # none [CALM] | all | lora (PEFT)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
     # --- source-state cache
     cache: str | None = None  # folder; "auto" = OUTPUT/source-cache; null = run the source every step
     cache_dtype: str = "float16"  # float16 | bfloat16 | float32
     cache_batch_size: int = 8
+    cache_shard_mb: float = 1024.0  # a shard is written (atomically) once this many MiB of states are pending
     rebuild_cache: bool = False
     # --- optimisation
     epochs: float = 1.0  # [paper: 15]
@@ -78,6 +97,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 > fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     seed: int = 42
+    on_nonfinite_loss: str = "stop"  # stop (name step, rows, last good checkpoint) | skip (counted in train_results.json)
     # --- evaluation, checkpoints, logging
     eval_steps: int | None = None  # None: once per epoch
     save_steps: int | None = None  # None: once per epoch (= eval_steps when early stopping)
@@ -90,8 +110,11 @@ class TrainConfig:
     progress: bool = True
     dataloader_workers: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    trust_remote_code: bool = False  # run Python code shipped with a hub model (off unless asked for)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LLMModulesError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         # "~/..." works in YAML files and quoted arguments too (hub ids never start with "~").
         for name in PATH_FIELDS:
             value = getattr(self, name)
@@ -102,6 +125,7 @@ class TrainConfig:
         return asdict(self)
 
 
+METHODS = ("llm_modules", "semalign")
 PATH_FIELDS = ("source", "target", "data", "output", "tokenizer", "validation_data", "cache", "resume")
 
 
@@ -122,7 +146,7 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
         return _convert(name, value, options[0])
     if origin is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [str(v) for v in items]
+        return [_convert(name, v, typing.get_args(hint)[0]) for v in items]
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -163,9 +187,24 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
     updates: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
+        section, _, option = key.partition(".")
+        if option and typing.get_origin(hints.get(section)) is None and hints.get(section) is dict:
+            # --semalign.mode lora: one option of a mapping field, kept as text (the section converts it)
+            base_section = updates.get(section, dict(getattr(base, section)) if base else {})
+            updates[section] = {**base_section, option: value}
+            continue
         if key in ALIASES:
             for target in ALIASES[key]:
                 from_aliases[target] = _convert(key, value, hints[target])
+        elif key in hints and hints[key] is dict:
+            if isinstance(value, str):  # --semalign='{mode: lora, pairs: 2}' from a command line: YAML flow mapping
+                try:
+                    value = yaml.safe_load(value) if value.strip() else {}
+                except yaml.YAMLError:
+                    pass
+            if not isinstance(value, dict):
+                raise LLMModulesError(f"{where}option {key}: expected a mapping of option: value, got {value!r}")
+            updates[key] = dict(value)
         elif key in hints:
             updates[key] = _convert(key, value, hints[key])
         else:
@@ -225,3 +264,123 @@ def config_from_argv(argv: list[str]) -> TrainConfig:
 
 def dump_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------- validation
+CHOICES = {
+    "format": ("auto", *FORMATS),
+    "template": TEMPLATES,
+    "loss_on": LOSS_ON,
+    "overlength": OVERLENGTH,
+    "on_bad_row": ("error", "skip"),
+    "on_nonfinite_loss": POLICIES,
+    "target_init": ("pretrained", "random"),
+    "cache_dtype": tuple(DTYPES),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+}
+AT_LEAST = {"batch_size": 1, "grad_accum": 1, "max_length": 2, "cache_batch_size": 1, "logging_steps": 1,
+            "epochs": 0, "validation": 0, "lr_connector": 0, "lr_target": 0, "weight_decay": 0, "warmup": 0,
+            "dataloader_workers": 0, "save_steps": 1, "eval_steps": 1, "save_total_limit": 1, "limit": 1,
+            "early_stopping_patience": 1, "connector_layers": 1, "heads": 1, "adapter_dim": 1}
+REVISION = re.compile(r"[A-Za-z0-9][\w.\-/]*")
+SPLIT = re.compile(r"[A-Za-z0-9_][\w.\-\[\]:%+]*")
+NO_CACHE = (None, "", "none", "off")
+
+
+def _is_hub_id(value: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1 or Path(value).exists()
+
+
+def _model_problem(name: str, value: str) -> str | None:
+    """A model/tokenizer reference must be an existing folder holding config.json or a valid hub id."""
+    path = Path(value).expanduser()
+    if path.exists() or _looks_like_path(value):
+        if not path.is_dir():
+            return f"{name}: {value} is not an existing folder (give a model folder or a hub id owner/name)"
+        wanted = ("tokenizer.json", "tokenizer_config.json") if name == "tokenizer" else ("config.json",)
+        if not any((path / w).is_file() for w in wanted):
+            return f"{name}: the folder {value} holds no {' or '.join(wanted)}; is it a saved model?"
+        return None
+    if not _is_hub_id(value):
+        return f"{name}: {value!r} is neither an existing folder nor a valid hub id (owner/name)"
+    return None
+
+
+def _data_problem(name: str, value: str) -> str | None:
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return f"{name}: {value} is a folder; give one .jsonl/.json/.parquet file or a hub dataset name owner/name"
+    if path.is_file():
+        return None if path.suffix.lower() in LOCAL_SUFFIXES else \
+            f"{name}: {value} has an unsupported type {path.suffix!r}; use .jsonl, .json or .parquet"
+    if path.suffix.lower() in LOCAL_SUFFIXES or _looks_like_path(value) or value.count("/") != 1 or not _is_hub_id(value):
+        return f"{name}: {value} does not exist (give a .jsonl/.json/.parquet file or a hub dataset name owner/name)"
+    return None
+
+
+def _folder_problem(name: str, value: str, models: dict[str, Path]) -> str | None:
+    """An output/cache folder must be a folder (or creatable) and must not be a model folder it would overwrite."""
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"{name}: {value} exists and is not a folder"
+    for role, folder in models.items():
+        if path.resolve() == folder:
+            return f"{name}: {value} is the {role} model's folder; writing there would overwrite it. Give another folder"
+    parent = next((p for p in [path.resolve(), *path.resolve().parents] if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK):
+        return f"{name}: {parent} is not writable"
+    return None
+
+
+def validate(config: TrainConfig) -> None:
+    """Check the paths, names and values of a run config before anything runs; every problem in one error."""
+    problems = [f"missing option --{name} (or set it in the YAML file given with --config)"
+                for name in ("source", "target", "data") if not getattr(config, name)]
+    for name, choices in CHOICES.items():
+        if getattr(config, name) not in choices:
+            problems.append(f"{name}: {getattr(config, name)!r} is not one of {', '.join(choices)}")
+    for name, least in AT_LEAST.items():
+        value = getattr(config, name)
+        if value is not None and value < least:
+            problems.append(f"{name}: must be >= {least}, got {value}")
+    if config.cache_shard_mb <= 0:
+        problems.append(f"cache_shard_mb: must be > 0, got {config.cache_shard_mb}")
+    if config.max_steps <= 0 and config.epochs <= 0:
+        problems.append("set epochs > 0 or max_steps > 0")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+        problems.append(f"device: {config.device!r} is not auto, cpu, cuda or cuda:N")
+    for name in ("source", "target", "tokenizer"):
+        value = getattr(config, name)
+        if value and (problem := _model_problem(name, str(value))):
+            problems.append(problem)
+    for name in ("data", "validation_data"):
+        value = getattr(config, name)
+        if value and (problem := _data_problem(name, str(value))):
+            problems.append(problem)
+    if config.source_revision is not None and (not REVISION.fullmatch(config.source_revision) or ".." in config.source_revision):
+        problems.append(f"source_revision: {config.source_revision!r} is not a branch, tag or commit name")
+    if not SPLIT.fullmatch(config.dataset_split):
+        problems.append(f"dataset_split: {config.dataset_split!r} is not a split name such as train or train[:10%]")
+    models = {name: Path(str(getattr(config, name))).expanduser().resolve() for name in ("source", "target", "tokenizer")
+              if getattr(config, name) and Path(str(getattr(config, name))).expanduser().is_dir()}
+    if problem := _folder_problem("output", config.output, models):
+        problems.append(problem)
+    if config.cache not in NO_CACHE and config.cache != "auto":
+        if problem := _folder_problem("cache", config.cache, models):
+            problems.append(problem)
+        elif Path(config.cache).expanduser().resolve() == Path(config.output).expanduser().resolve():
+            problems.append("cache: is the output folder; use cache: auto (OUTPUT/source-cache) or another folder")
+    if config.resume not in (None, "auto") and not Path(config.resume).expanduser().is_dir():
+        problems.append(f"resume: {config.resume} is not a checkpoint folder (or use resume: auto)")
+    if problems:
+        raise LLMModulesError(f"{len(problems)} problem(s) in the run config: " + "; ".join(problems))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
@@ -44,6 +46,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 IGNORE_INDEX = -100
+BLANK = "blank line"  # counted, never an error
 
 Message = dict[str, str]
 
@@ -51,8 +54,9 @@ Message = dict[str, str]
 class DataError(LLMModulesError):
     """Bad training data: the message names the file, the row (1-based line) and the field."""
 
-    def __init__(self, where: str, field_name: str | None, problem: str) -> None:
-        self.where, self.field, self.problem = where, field_name, problem
+    def __init__(self, where: str, field_name: str | None, problem: str, reason: str = "bad row") -> None:
+        # reason: a short stable name for counting skipped rows ("not JSON", "wrong type", ...)
+        self.where, self.field, self.problem, self.reason = where, field_name, problem, reason
         at = f"{where}, field '{field_name}'" if field_name else where
         super().__init__(f"{at}: {problem}")
 
@@ -115,14 +119,18 @@ def _read_jsonl(path: Path) -> Iterator[Record | DataError]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                yield DataError(where, None, f"is not valid UTF-8 (byte {error.start}); re-encode the file as UTF-8")
+                yield DataError(where, None, f"is not valid UTF-8 (byte {error.start}); re-encode the file as UTF-8",
+                                "not UTF-8")
                 continue
             if not line.strip():
+                yield DataError(where, None, "is blank", BLANK)
                 continue
             try:
                 yield Record(where, json.loads(line))
             except json.JSONDecodeError as error:
-                yield DataError(where, None, f"is not valid JSON ({error.msg} at column {error.colno})")
+                yield DataError(where, None, f"is not valid JSON ({error.msg} at column {error.colno})", "not JSON")
+            except RecursionError:
+                yield DataError(where, None, "is JSON nested too deeply to read", "not JSON")
 
 
 def _read_json(path: Path) -> Iterator[Record]:
@@ -146,7 +154,7 @@ def detect_format(record: Record) -> str:
     """The format of one record, from its keys."""
     data = record.data
     if not isinstance(data, dict):
-        raise DataError(record.where, None, f"expected a JSON object, got {type(data).__name__}")
+        raise DataError(record.where, None, f"expected a JSON object, got {type(data).__name__}", "not a JSON object")
     if "conversations" in data:
         return "sharegpt"
     if "messages" in data:
@@ -161,43 +169,51 @@ def detect_format(record: Record) -> str:
         record.where, None,
         f"cannot tell the record format from its keys {sorted(data)[:10]}; expected one of: conversations "
         "(ShareGPT/Bespoke-Stratos), messages (OpenAI), prompt+completion, question+answer (GSM8K), text",
+        "unknown record format",
     )
 
 
 def _string(record: Record, name: str, value: Any, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise DataError(record.where, name, f"expected a string, got {type(value).__name__}")
+        raise DataError(record.where, name, f"expected a string, got {type(value).__name__}", "wrong type")
     if not allow_empty and not value.strip():
-        raise DataError(record.where, name, "is empty; expected text")
+        raise DataError(record.where, name, "is empty; expected text", "empty field")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(record.where, name, f"holds an unpaired surrogate {value[error.start]!r} at character "
+                        f"{error.start} (not text a tokenizer can read)", "unpaired surrogate") from None
     return value
 
 
 def _field(record: Record, name: str) -> Any:
     if not isinstance(record.data, dict):
-        raise DataError(record.where, None, f"expected a JSON object, got {type(record.data).__name__}")
+        raise DataError(record.where, None, f"expected a JSON object, got {type(record.data).__name__}", "not a JSON object")
     if name not in record.data or record.data[name] is None:
-        raise DataError(record.where, name, f"is missing (the file's format needs it; keys: {sorted(record.data)[:10]})")
+        raise DataError(record.where, name, f"is missing (the file's format needs it; keys: {sorted(record.data)[:10]})",
+                        "missing field")
     return record.data[name]
 
 
 def _turns(record: Record, name: str, turns: Any, role_key: str, content_key: str,
            role_names: dict[str, str]) -> list[Message]:
     if not isinstance(turns, list):
-        raise DataError(record.where, name, f"expected a list of turns, got {type(turns).__name__}")
+        raise DataError(record.where, name, f"expected a list of turns, got {type(turns).__name__}", "wrong type")
     if not turns:
-        raise DataError(record.where, name, "is an empty conversation; expected at least a user and an assistant turn")
+        raise DataError(record.where, name, "is an empty conversation; expected at least a user and an assistant turn",
+                        "empty field")
     messages = []
     for index, turn in enumerate(turns):
         here = f"{name}[{index}]"
         if not isinstance(turn, dict):
-            raise DataError(record.where, here, f"expected an object with '{role_key}' and '{content_key}'")
+            raise DataError(record.where, here, f"expected an object with '{role_key}' and '{content_key}'", "wrong type")
         for key in (role_key, content_key):
             if key not in turn or turn[key] is None:
-                raise DataError(record.where, f"{here}.{key}", "is missing")
+                raise DataError(record.where, f"{here}.{key}", "is missing", "missing field")
         role = role_names.get(str(turn[role_key]).lower())
         if role is None:
             raise DataError(record.where, f"{here}.{role_key}",
-                            f"unknown role {turn[role_key]!r}; expected one of {sorted(role_names)}")
+                            f"unknown role {str(turn[role_key])[:40]!r}; expected one of {sorted(role_names)}", "unknown role")
         messages.append({"role": role, "content": _string(record, f"{here}.{content_key}", turn[content_key], True)})
     return messages
 
@@ -234,13 +250,14 @@ def to_messages(record: Record, fmt: str, default_system: str | None = None) -> 
         raise LLMModulesError(f"format={fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
     for index, message in enumerate(messages):
         if message["role"] == "system" and index != 0:
-            raise DataError(record.where, fmt, f"turn {index} is a system message; a system message may only come first")
+            raise DataError(record.where, fmt, f"turn {index} is a system message; a system message may only come first",
+                            "misplaced system turn")
     if default_system and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": default_system})
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(record.where, fmt, "has no assistant turn; expected at least one (nothing to learn)")
+        raise DataError(record.where, fmt, "has no assistant turn; expected at least one (nothing to learn)", "no assistant turn")
     if not any(m["role"] == "user" for m in messages):
-        raise DataError(record.where, fmt, "has no user turn; expected user -> assistant turns")
+        raise DataError(record.where, fmt, "has no user turn; expected user -> assistant turns", "no user turn")
     return messages
 
 
@@ -340,6 +357,7 @@ class DataReport:
     rows: int = 0
     used: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_rows: list[tuple[str, str]] = field(default_factory=list)  # every skipped (file:row, reason), in order
     examples: dict[str, list[str]] = field(default_factory=dict)
     truncated: int = 0
     train: int = 0
@@ -349,6 +367,7 @@ class DataReport:
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
+        self.skipped_rows.append((where, reason))
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(where)
@@ -398,10 +417,14 @@ def tokenize_messages(
 ) -> tuple[list[int], list[int]]:
     """input_ids [T] and labels [T] (-100 outside the assistant turns unless loss_on='all')."""
     tokenizer = renderer.tokenizer
-    if loss_on == "all" or messages[0]["role"] == "text":
-        text, spans = renderer.render(messages), None
-    else:
-        text, spans = renderer.render_with_spans(messages, where)
+    try:
+        if loss_on == "all" or messages[0]["role"] == "text":
+            text, spans = renderer.render(messages), None
+        else:
+            text, spans = renderer.render_with_spans(messages, where)
+    except TemplateError as error:  # e.g. a template's raise_exception("roles must alternate")
+        raise DataError(where, "template", f"the chat template refused this conversation ({error})",
+                        "chat template error") from None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans is not None)
     ids = list(encoded["input_ids"])
     if spans is None:
@@ -436,10 +459,13 @@ def build_examples(
             messages = to_messages(record, fmt, options.system_prompt)
             ids, labels = tokenize_messages(messages, renderer, options.loss_on, record.where)
         except DataError as error:
-            if options.on_bad_row == "error":
+            if options.on_bad_row == "error" and error.reason != BLANK:
                 raise DataError(error.where, error.field,
                                 error.problem + " (on_bad_row: skip skips such rows and counts them)") from None
             report.skip(_reason(error), error.where)
+            continue
+        if sum(label != IGNORE_INDEX for label in labels[1:]) == 0:
+            report.skip("no trainable token (the template renders nothing to train on)", record.where)
             continue
         report.longest = max(report.longest, len(ids))
         if len(ids) > options.max_length:
@@ -470,17 +496,9 @@ def build_examples(
 
 
 def _reason(error: DataError) -> str:
-    if "UTF-8" in error.problem:
-        return "not UTF-8"
-    if "JSON" in error.problem:
-        return "not JSON"
-    if "missing" in error.problem:
-        return f"missing field {error.field}"
-    if "role" in error.problem:
-        return "unknown role"
-    if "empty" in error.problem:
-        return "empty conversation or field"
-    return "bad row"
+    """The counted name of a skipped row: its kind and, where there is one, its field (list indices dropped)."""
+    field_name = re.sub(r"\[\d+\]", "[]", error.field) if error.field else None
+    return f"{error.reason}: {field_name}" if field_name and error.reason != "bad row" else error.reason
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -556,12 +574,13 @@ def prepare_data(
 class PaddingCollator:
     """Dynamic right padding: input_ids with pad id, attention_mask 0 and labels -100 on padding.
 
-    Features may carry ``source_states`` [T, d_s] (the source-state cache): padded with zeros.
+    Features may carry ``source_states`` [T, d_s] or [T, n, d_s] (the source-state cache): padded with zeros.
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (+ source_states [B, T, d_s]).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    keep_rows: bool = False  # also return "rows": each example's file:row (named when its loss is NaN)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
@@ -580,9 +599,11 @@ class PaddingCollator:
             if "source_states" in feature:
                 s = torch.as_tensor(feature["source_states"])
                 if states is None:
-                    states = torch.zeros((batch, length, s.shape[-1]), dtype=s.dtype)
+                    states = torch.zeros((batch, length, *s.shape[1:]), dtype=s.dtype)
                 states[i, :n] = s
         out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if states is not None:
             out["source_states"] = states
+        if self.keep_rows:
+            out["rows"] = [str(f.get("row", "?")) for f in features]
         return out

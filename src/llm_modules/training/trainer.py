@@ -19,28 +19,69 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from .cache import CachedStatesDataset, CacheFields, SourceStateCache, tokenizer_fingerprint, weights_fingerprint
+from ..model.fusion import source_view_rows
+from ..model.loading import load_causal_lm
+from ..model.processing import CompositionProcessor
+from ..model.source import read_source
+from .alignment import CompositionCollator, add_source_alignment
+from .cache import CachedStatesDataset, CacheFields, SourceStateCache, is_cache_file, tokenizer_fingerprint, weights_fingerprint
+from .checkpoints import SealedCheckpoints, last_good_checkpoint, verify
+from .nonfinite import NonFiniteLossGuard
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
 from ..errors import LLMModulesError
 from ..model.loading import load_config as load_model_config
 from ..model.loading import load_tokenizer
 from ..model.modeling import LLMModulesForCausalLM
-from .config import TrainConfig, config_from_argv, dump_config
+from ..model.loading import allow_remote_code
+from .atomic import atomic_write_json
+from .config import TrainConfig, config_from_argv, dump_config, validate
 
 MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
                  "attention_dropout", "source_layer")
+FUSION_OPTIONS = ("memory", "fusion_layers", "fusion_every", "source_layers", "train_target", "lora_rank",
+                  "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def model_options(config: TrainConfig) -> dict:
+    """The compose() options of a run; unset ones (None) take the topology's defaults."""
+    names = MODEL_OPTIONS + (FUSION_OPTIONS if config.topology == "fusion" else ())
+    options = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
+    return {**options, "topology": config.topology}
+
+
+def reads_source_head(config: TrainConfig) -> bool:
+    """Does the model need the source's weights even when its states are cached (a head over its vocabulary)?"""
+    return config.head not in (None, "new", "target")
+
+
+@dataclass
+class Tokenizers:
+    """The tokenizer the model reads and writes (``main``) and, for fusion, the source's own."""
+
+    main: object
+    source: object
+
+
+def load_tokenizers(config: TrainConfig) -> Tokenizers:
+    fusion = config.topology == "fusion"
+    main_ref = config.tokenizer or (config.target if fusion else config.source)
+    main = load_tokenizer(main_ref, "tokenizer" if config.tokenizer else ("target" if fusion else "source"))
+    if main.pad_token_id is None:
+        main.pad_token = main.eos_token  # as the paper: pad = eos (labels on padding are -100 anyway)
+    return Tokenizers(main, load_tokenizer(config.source, "source") if fusion else main)
 
 
 # ----------------------------------------------------------------------------------------- model
-def compose_model(config: TrainConfig, tokenizer, with_source: bool = True) -> LLMModulesForCausalLM:
+def compose_model(config: TrainConfig, tokenizers: Tokenizers, with_source: bool = True) -> LLMModulesForCausalLM:
     """The composed model a run trains; ``with_source=False`` builds it from the source's config only
     (training from the source-state cache: the source's weights are never loaded)."""
-    options = {name: getattr(config, name) for name in MODEL_OPTIONS}
-    common = dict(tokenizer=tokenizer, source_revision=config.source_revision, source_dtype=config.source_dtype,
-                  target_init=config.target_init, **options)
+    common = dict(tokenizer=tokenizers.main, source_revision=config.source_revision, source_dtype=config.source_dtype,
+                  target_init=config.target_init, **model_options(config))
+    if config.topology == "fusion":
+        common["source_tokenizer"] = tokenizers.source
     if with_source:
         return LLMModulesForCausalLM.compose(config.source, config.target, **common)
     source_config = load_model_config("source", config.source, config.source_revision)
@@ -51,20 +92,34 @@ def compose_model(config: TrainConfig, tokenizer, with_source: bool = True) -> L
 
 
 # ----------------------------------------------------------------------------------------- cache
-def cache_fields(config: TrainConfig, tokenizer) -> CacheFields:
+def cache_fields(config: TrainConfig, tokenizers: Tokenizers) -> CacheFields:
     source_config = load_model_config("source", config.source, config.source_revision).get_text_config()
+    tokenizer = tokenizer_fingerprint(tokenizers.main)
+    layout = "bridge"
+    if config.topology == "fusion":
+        tokenizer += "+" + tokenizer_fingerprint(tokenizers.source)
+        layout = f"fusion memory={config.memory} layers={fusion_read_layers(config)}"
     return CacheFields(
         source=str(config.source),
         source_revision=config.source_revision,
         source_weights=weights_fingerprint(config.source),
         source_layer=config.source_layer,
         source_dtype=config.source_dtype,
-        tokenizer=tokenizer_fingerprint(tokenizer),
+        tokenizer=tokenizer,
         template=config.template,
         max_length=config.max_length,
         hidden_size=int(source_config.hidden_size),
         dtype=config.cache_dtype,
+        layout=layout,
     )
+
+
+def fusion_read_layers(config: TrainConfig) -> tuple[int, ...]:
+    """The source layers a fusion run's cache stores: those its blocks read, + the last for mixture heads."""
+    layers = tuple(dict.fromkeys(config.source_layers or [-1]))
+    if reads_source_head(config) and -1 not in layers:
+        layers = (*layers, -1)
+    return layers
 
 
 def cache_folder(config: TrainConfig) -> Path | None:
@@ -73,38 +128,77 @@ def cache_folder(config: TrainConfig) -> Path | None:
     return Path(config.output) / "source-cache" if config.cache == "auto" else Path(config.cache)
 
 
-def prepare_cache(config: TrainConfig, tokenizer, data: PreparedData, device: str) -> tuple[SourceStateCache, dict]:
-    """Open the run's cache (refusing a stale one) and compute what it lacks. Returns (cache, stats)."""
+def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedData, state: PartialState
+                  ) -> tuple[SourceStateCache, dict]:
+    """Open the run's cache (refusing a stale one), repair it, and compute what it lacks. Returns (cache, stats).
+
+    Under DDP every rank computes its own batches into its own shards; the main rank then merges
+    the shards' lists into the manifest, and every rank reads the whole cache.
+    """
     folder = cache_folder(config)
     assert folder is not None
-    if config.rebuild_cache and (folder / "manifest.json").exists():
-        for path in folder.glob("states-*.safetensors"):
-            path.unlink()
-        (folder / "manifest.json").unlink()
-    cache = SourceStateCache.open(folder, cache_fields(config, tokenizer))
-    rows = list(data.train["input_ids"]) + (list(data.validation["input_ids"]) if data.validation is not None else [])
+    device = state.device
+    fields = cache_fields(config, tokenizers)
+    if config.rebuild_cache and state.is_main_process and folder.is_dir():
+        for path in folder.iterdir():
+            if is_cache_file(path):
+                path.unlink()
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)  # every rank: a stale cache is refused everywhere alike
+    if state.is_main_process:
+        cache.consolidate(log=_stderr)  # what a killed build left behind; damaged shards are dropped
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)
+    datasets = [data.train] + ([data.validation] if data.validation is not None else [])
+    rows = [ids for dataset in datasets for ids in dataset["input_ids"]]
     missing = cache.missing(rows)
-    stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0}
+    stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0,
+             "ranks": state.num_processes}
+    shards = dict(batch_size=config.cache_batch_size, shard_bytes=int(config.cache_shard_mb * 2**20), device=device,
+                  progress=config.progress, rank=state.process_index, world_size=state.num_processes)
     if missing:
         started = time.perf_counter()
-        # The states come from the composed model's own source_states() (layer choice, positions),
-        # with a randomly initialised target that is never run.
-        states_model = LLMModulesForCausalLM.compose(
-            config.source, load_model_config("target", config.target), tokenizer=tokenizer,
-            source_revision=config.source_revision, source_dtype=config.source_dtype, target_init="random",
-            **{name: getattr(config, name) for name in MODEL_OPTIONS},
-        ).to(device).eval()
+        source = load_causal_lm("source", config.source, config.source_revision, config.source_dtype).to(device).eval()
+        width = int(source.config.get_text_config().hidden_size)
+        fusion = config.topology == "fusion"
         tokens = sum(len(rows[i]) for i in missing)
-        width = states_model.source_hidden_size
-        gib = tokens * width * (4 if config.cache_dtype == "float32" else 2) / 2**30
-        print(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, ~{gib:.2f} GiB) "
-              f"into {folder}", file=sys.stderr)
-        cache.build([rows[i] for i in missing], states_model.source_states, batch_size=config.cache_batch_size,
-                    device=device, progress=config.progress)
-        del states_model
+        layers = len(fusion_read_layers(config)) if fusion else 1
+        gib = tokens * width * layers * (4 if config.cache_dtype == "float32" else 2) / 2**30
+        if state.is_main_process:
+            _stderr(f"source-state cache: computing {len(missing)} of {len(rows)} rows ({tokens} tokens, "
+                    f"~{gib:.2f} GiB) into {folder} on {state.num_processes} process(es)")
+        if fusion:
+            by_ids = {tuple(row["input_ids"]): row for dataset in datasets for row in dataset}
+            collate = CompositionCollator(tokenizers.main.pad_token_id)
+
+            def rows_fn(batch_ids: list[list[int]]) -> list[torch.Tensor]:
+                batch = collate([{k: v for k, v in by_ids[tuple(ids)].items() if k != "row"} for ids in batch_ids])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                return source_view_rows(source, batch, fusion_read_layers(config))
+
+            cache.build(rows, None, rows_fn=rows_fn, **shards)
+        else:
+            def states_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                return read_source(source, ids, mask, positions, (config.source_layer,))[0]
+
+            cache.build(rows, states_fn, **shards)
+        del source
         stats["seconds"] = round(time.perf_counter() - started, 2)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        cache.consolidate(log=_stderr)
+    state.wait_for_everyone()
+    cache = SourceStateCache.open(folder, fields)
+    if not cache.covers(rows):
+        raise LLMModulesError(f"the source-state cache in {folder} still lacks {len(cache.missing(rows))} rows after "
+                              "building them (another machine's shards not visible here? a shard damaged meanwhile?)")
     stats["bytes"] = cache.size_bytes()
     return cache, stats
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------- trainer
@@ -128,12 +222,14 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
-class ComposedTrainer(Trainer):
-    """``Trainer`` with named learning rates per parameter group (connector vs target)."""
+class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
+    """``Trainer`` with named learning rates per parameter group (connector vs target), sealed (crash-safe)
+    checkpoints and a policy for NaN/inf losses (nonfinite.py)."""
 
-    def __init__(self, *args, group_lrs: dict[str, float], **kwargs) -> None:
+    def __init__(self, *args, group_lrs: dict[str, float], nonfinite_policy: str = "stop", **kwargs) -> None:
         super().__init__(*args, compute_loss_func=token_mean_loss, **kwargs)
         self.group_lrs = group_lrs
+        self.nonfinite_policy = nonfinite_policy
         self._loss_shifts_labels = True  # count num_items_in_batch over labels[:, 1:], as token_mean_loss does
         self.model_accepts_loss_kwargs = False  # forward(**kwargs) ignores num_items_in_batch
 
@@ -273,14 +369,22 @@ class TrainResult:
 
 
 def check_config(config: TrainConfig) -> None:
-    missing = [name for name in ("source", "target", "data") if not getattr(config, name)]
-    if missing:
-        raise LLMModulesError(f"missing option(s): {', '.join('--' + m for m in missing)} "
-                              "(or set them in the YAML file given with --config)")
-    if config.batch_size < 1 or config.grad_accum < 1:
-        raise LLMModulesError("batch_size and grad_accum must be >= 1")
-    if config.max_steps <= 0 and config.epochs <= 0:
-        raise LLMModulesError("set epochs > 0 or max_steps > 0")
+    """Paths, names and values of the run config, all checked before anything loads (config.validate)."""
+    validate(config)
+
+
+def run_data(config: TrainConfig, tokenizer, output: Path, main: bool = True) -> PreparedData:
+    """The run's tokenized train/validation rows; the main process writes ``data_report.json`` into ``output``."""
+    options = DataOptions(
+        format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
+        overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
+        append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
+    )
+    data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
+    if main:
+        print(f"data: {data.report.summary()}", file=sys.stderr)
+        atomic_write_json(output / "data_report.json", data.report.to_dict())
+    return data
 
 
 def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
@@ -291,39 +395,51 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
     """
     check_config(config)
     device = _device(config)
+    # Under `accelerate launch` / `torchrun` this joins the process group (gloo on CPU, nccl on GPU);
+    # TrainingArguments below reuses the same state.
+    state = PartialState(cpu=device == "cpu")
+    main = state.is_main_process
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
-    dump_config(config, output / "train_config.yaml")
-    tokenizer = load_tokenizer(config.tokenizer or config.source, "tokenizer" if config.tokenizer else "source")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # as the paper: pad = eos (labels on padding are -100 anyway)
-    options = DataOptions(
-        format=config.format, template=config.template, loss_on=config.loss_on, max_length=config.max_length,
-        overlength=config.overlength, on_bad_row=config.on_bad_row, system_prompt=config.system_prompt,
-        append_eos=config.append_eos, limit=config.limit, split=config.dataset_split,
-    )
-    data = prepare_data(config.data, tokenizer, options, config.validation, config.validation_data, config.split_seed)
-    print(f"data: {data.report.summary()}", file=sys.stderr)
-    (output / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2))
+    if main:
+        dump_config(config, output / "train_config.yaml")
+    with allow_remote_code(config.trust_remote_code):
+        tokenizers = load_tokenizers(config)
+    tokenizer = tokenizers.main
+    data = run_data(config, tokenizer, output, main)
 
+    collator = PaddingCollator(tokenizer.pad_token_id, keep_rows=True)
+    if config.topology == "fusion":  # what the source reads of each row, through its own tokenizer
+        processor = CompositionProcessor(tokenizer, tokenizers.source, config.memory)
+        data.train = add_source_alignment(data.train, processor)
+        data.validation = add_source_alignment(data.validation, processor) if data.validation is not None else None
+        pad = tokenizers.source.pad_token_id
+        collator = CompositionCollator(tokenizer.pad_token_id, source_pad_token_id=pad if pad is not None else 0,
+                                       keep_rows=True)
     train_set, eval_set = data.train, data.validation
     cache_stats = None
     with_source = True
     if cache_folder(config) is not None:
-        cache, cache_stats = prepare_cache(config, tokenizer, data, device)
+        with allow_remote_code(config.trust_remote_code):
+            cache, cache_stats = prepare_cache(config, tokenizers, data, state)
         train_set = CachedStatesDataset(train_set, cache)
         eval_set = CachedStatesDataset(eval_set, cache) if eval_set is not None else None
-        with_source = config.head != "new"  # the source's head is part of the model for head=source/source_mix
+        with_source = reads_source_head(config)  # the source's head is part of the model for head=source/source_mix
     resume = config.resume
     if resume == "auto":
-        resume = get_last_checkpoint(str(output))
+        resume = last_good_checkpoint(output, log=_stderr if main else None)
         if resume is None:
-            raise LLMModulesError(f"resume: auto found no checkpoint-* folder in {output}")
-    elif resume is not None and not Path(resume).is_dir():
-        raise LLMModulesError(f"resume: {resume} is not a checkpoint folder")
+            raise LLMModulesError(f"resume: auto found no complete checkpoint-* folder in {output}; "
+                                  "start again without resume")
+        resume = str(resume)
+    elif resume is not None:
+        verify(resume)  # names the damaged or missing file; an unsealed (incomplete) checkpoint is refused
+    if resume is not None and main:
+        _stderr(f"resuming from {resume} (seal verified)")
 
     set_seed(config.seed)  # the connector's initialisation depends only on the seed, cached or not
-    model = compose_model(config, tokenizer, with_source=with_source)
+    with allow_remote_code(config.trust_remote_code):
+        model = compose_model(config, tokenizers, with_source=with_source)
     args = training_arguments(config, eval_set is not None, device)
     timer = StepTimer()
     all_callbacks: list[TrainerCallback] = [timer, *(callbacks or [])]
@@ -334,10 +450,11 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=all_callbacks,
         group_lrs={"connector": config.lr_connector, "target": config.lr_target},
+        nonfinite_policy=config.on_nonfinite_loss,
     )
     outcome = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output))
@@ -363,9 +480,13 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         "cache": cache_stats,
         "source_loaded": with_source,
         "device": device,
+        "processes": state.num_processes,
+        "nonfinite_loss": {"policy": config.on_nonfinite_loss, "skipped_batches": len(trainer.nonfinite_skips),
+                           "skipped": trainer.nonfinite_skips[:50]},
     }
-    (output / "train_results.json").write_text(json.dumps(results, indent=2, default=str))
-    plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
+    if main:
+        atomic_write_json(output / "train_results.json", results)
+        plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
     return TrainResult(output, metrics, list(trainer.state.log_history), timer.times, model, trainer)
 
 
@@ -377,6 +498,8 @@ Train a composed model. Every option of the run config can be given in the YAML 
   --lr X (both groups) --lr-connector X --lr-target X --batch-size N --grad-accum N
   --template chat|plain --loss-on assistant|all --max-length N --validation 0.05
   --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
+  --method semalign --semalign.mode lora|layers|full --semalign.version v1|v2 (SemAlign: the target alone
+  learns the source's layer outputs through the semantic bases; see examples/semalign-arc.yaml)
 See llm_modules/train_config.py (TrainConfig) for all options and examples/*.yaml.
 """
 
@@ -387,7 +510,11 @@ def train_main(argv: list[str]) -> int:
         print(HELP)
         return 0
     config = config_from_argv(argv)
-    result = train(config)
+    if config.method == "semalign":  # SemAlign trains the target alone (training/semalign/)
+        from .semalign.train import train_semalign as train_method
+    else:
+        train_method = train
+    result = train_method(config)
     summary = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     print(json.dumps({"output": str(result.output), **summary}, indent=2))
     return 0

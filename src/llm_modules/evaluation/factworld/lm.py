@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ...model.processing import shared_source_inputs
 from ...tiny import build_tokenizer
 from .world import TRACE_MARKERS, Fact, FactWorld
 
@@ -155,16 +156,22 @@ def collate(examples: Sequence[Example], pad_id: int, left: bool = False) -> dic
 # ------------------------------------------------------------------------------------------- forward
 
 
-def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits [B, T, V] of any fact-world model, with padding handled.
 
     HF causal LMs get explicit position ids (left padding); the composed model computes its own;
     modules with a ``fact_logits`` method (heads on a frozen source) are called through it.
+    prompt_lengths [B]: the real tokens of each row's prompt, which is all a fusion model with prompt
+    memory lets its source read (without them it reads every given token, causally).
     """
     if hasattr(model, "fact_logits"):
         return model.fact_logits(input_ids, attention_mask)
     if type(model).__name__ == "LLMModulesForCausalLM":
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+        extra = {}
+        if model.config.topology == "fusion" and model.config.memory == "prompt" and prompt_lengths is not None:
+            extra = dict(source_input_ids=input_ids, **shared_source_inputs(attention_mask, prompt_lengths))
+        return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
 

@@ -8,10 +8,11 @@ scores it on test facts with ``metrics.evaluate_traces``.
 Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_alone``, ``source_head``,
 ``source_finetuned``, ``distill_kd`` and ``llm_modules_bridge_{leaky|causal}_{random|pretrained}``
 (the suffix is the target's initialisation), plus ``_head_{source|source_mix|source_pointer}`` / ``_tanh`` /
-``_layers{n}`` / ``_frozen_target`` / ``_head_init_target`` for the bridge variants the harness can vary.
+``_layers{n}`` / ``_frozen_target`` / ``_head_init_target`` for the bridge variants the harness can vary, the fusion
+rows (``llm_modules_fusion_{memory}[_head_{head}]``) and ``semalign`` (``kind: semalign`` with the options of
+``training/semalign/options.py``; its model and loss live in ``training/semalign/factworld.py``).
 Two skylines bound a composition from above (issue 15): ``skyline_source_recalls_fact`` (the source answers the
 fact in its own format) and ``skyline_target_given_fact`` (the target is given the recalled fact and does the rest).
-Kind ``fusion`` passes its options to ``LLMModulesForCausalLM.compose(topology="fusion", ...)`` unchanged.
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...errors import LLMModulesError
 from ...model.modeling import LLMModulesForCausalLM
+from ...model.processing import shared_source_inputs
+from ...training.semalign import factworld as semalign_world
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import Fact, FactWorld
 
 UNTRAINED = ("target_alone", "source_alone", "skyline_source_recalls_fact", "skyline_target_given_fact")
 COMPOSED = ("bridge", "fusion")  # options pass to LLMModulesForCausalLM.compose
-KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "distill_kd") + COMPOSED
-# Options the fact-world harness applies itself (compose does not take them): which target weights train and how
-# the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
+KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "distill_kd", "semalign") + COMPOSED
+# Options the fact-world harness applies itself to a bridge (compose does not take them): which target weights train
+# and how the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
 HARNESS_OPTIONS = {"train_target": ("all", "none"), "head_init": ("random", "target")}
 BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim", *HARNESS_OPTIONS)
+FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
+                  "lora_rank")
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,14 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LLMModulesError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.options and self.kind not in COMPOSED:
+        if self.options and self.kind not in (*COMPOSED, "semalign"):
             raise LLMModulesError(f"method {self.name!r}: options {sorted(self.options)} only apply to kind: "
-                                  f"{' or '.join(COMPOSED)}")
-        unknown = set(self.options) - set(BRIDGE_OPTIONS)
-        if self.kind == "bridge" and unknown:
+                                  f"bridge, fusion or semalign")
+        valid = {"fusion": FUSION_OPTIONS, "semalign": semalign_world.OPTIONS}.get(self.kind, BRIDGE_OPTIONS)
+        unknown = set(self.options) - set(valid)
+        if unknown:
             raise LLMModulesError(
-                f"method {self.name!r}: unknown bridge option(s) {sorted(unknown)}; valid: {', '.join(BRIDGE_OPTIONS)}"
+                f"method {self.name!r}: unknown {self.kind} option(s) {sorted(unknown)}; valid: {', '.join(valid)}"
             )
         for key, allowed in HARNESS_OPTIONS.items():
             if key in self.options and self.options[key] not in allowed:
@@ -91,9 +97,19 @@ def bridge_spec(leaky: bool = False, target_init: str = "random", head: str = "n
     return MethodSpec(name, "bridge", options)
 
 
+def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str = "none", **extra: Any) -> MethodSpec:
+    """The fusion method named by its options: ``llm_modules_fusion_{memory}[_head_{head}][_train_{target}]``."""
+    name = f"llm_modules_fusion_{memory}"
+    if head != "target":
+        name += f"_head_{head}"
+    if train_target != "none":
+        name += f"_train_{train_target}"
+    return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
+
+
 def default_methods(world: str = "facts") -> list[MethodSpec]:
-    """Every row issue 4 asks for, plus the bridge configurations that can read the source; for the composition
-    world (issue 15) also the two skylines and the bridges that keep the target's skill."""
+    """Every row issue 4 asks for, plus the bridge and fusion configurations that can read the source; for the
+    composition world (issue 15) also the two skylines and the compositions that keep the target's skill."""
     if world == "composition":
         return composition_methods()
     return [
@@ -110,6 +126,9 @@ def default_methods(world: str = "facts") -> list[MethodSpec]:
         bridge_spec(leaky=False, target_init="pretrained", head="source"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_mix"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_pointer"),
+        fusion_spec(memory="prompt"),  # the target keeps its embeddings, head and skills; reads the prompt's source
+        fusion_spec(memory="sequence"),
+        fusion_spec(memory="sequence", head="source_pointer"),
     ]
 
 
@@ -131,6 +150,8 @@ def composition_methods() -> list[MethodSpec]:
         bridge_spec(leaky=False, target_init="pretrained", head="source_pointer", train_target="none"),
         bridge_spec(leaky=False, target_init="pretrained", head="source_pointer", train_target="none",
                     head_init="target"),
+        fusion_spec(memory="prompt"),  # the target keeps its embeddings, head and cipher; reads the question's source
+        fusion_spec(memory="sequence"),  # ... and the source reads along the reply
     ]
 
 
@@ -145,17 +166,15 @@ def method_from_mapping(values: dict | str) -> MethodSpec:
     values = dict(values)
     kind = values.pop("kind", "bridge")
     name = values.pop("name", None)
-    if kind == "bridge":
-        unknown = set(values) - set(BRIDGE_OPTIONS)
-        if unknown:
-            raise LLMModulesError(f"method {name or kind!r}: unknown bridge option(s) {sorted(unknown)}; valid: "
-                                  f"{', '.join(BRIDGE_OPTIONS)}")
-        spec = bridge_spec(**values)
-        return MethodSpec(name, "bridge", spec.options) if name else spec
-    if kind == "fusion":
-        suffix = "_".join(f"{k}_{v}" for k, v in values.items())
-        return MethodSpec(name or f"llm_modules_fusion{'_' + suffix if suffix else ''}", "fusion", values)
-    return MethodSpec(name or kind, kind, values)
+    if kind in COMPOSED:
+        spec = bridge_spec(**values) if kind == "bridge" else fusion_spec(**values)
+        return MethodSpec(name, kind, spec.options) if name else spec
+    if kind == "semalign":  # options of SemAlign's run config (training/semalign/options.py)
+        return MethodSpec(name or semalign_world.method_name(values), "semalign", values)
+    if values:
+        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge, fusion "
+                              "or semalign")
+    return MethodSpec(name or kind, kind)
 
 
 # ---------------------------------------------------------------------------------- models per method
@@ -245,18 +264,20 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
         return copy.deepcopy(bench.source).requires_grad_(spec.trains)  # the shared source is frozen
     if spec.kind == "source_head":
         return FrozenSourceHead(bench.source, len(bench.tokenizer))
+    if spec.kind == "semalign":
+        return semalign_world.build_model(spec.options, bench, seed)
     options = dict(spec.options)
-    harness = {key: options.pop(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
     if spec.kind == "fusion":
-        options.setdefault("topology", "fusion")
-        options.update({k: v for k, v in harness.items() if k in spec.options})  # fusion's compose takes them
-    else:
-        options.setdefault("target_init", "pretrained")
-        options.setdefault("heads", 4)
+        return LLMModulesForCausalLM.compose(
+            bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, source_tokenizer=bench.tokenizer,
+            topology="fusion", attention_dropout=0.0, **{"fusion_every": 1, **options},
+        )
+    harness = {key: options.pop(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
+    options.setdefault("target_init", "pretrained")
+    options.setdefault("heads", 4)
     model = LLMModulesForCausalLM.compose(bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer,
                                           attention_dropout=0.0, **options)
-    if spec.kind == "bridge":
-        _apply_harness_options(model, bench.target, harness)
+    _apply_harness_options(model, bench.target, harness)
     return model
 
 
@@ -280,7 +301,9 @@ def _apply_harness_options(model: LLMModulesForCausalLM, target: PreTrainedModel
 def count_parameters(spec: MethodSpec, model: nn.Module) -> tuple[int, int]:
     """(trainable, needed at inference). Frozen source weights count at inference when they run."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if spec.trains else 0
-    if spec.kind == "bridge":  # (fusion reads its target's embeddings: every weight counts)
+    if spec.kind == "fusion":  # the source body runs (once per prompt, or along), its own head only for mixtures
+        return trainable, sum(p.numel() for p in model.parameters())
+    if spec.kind == "bridge":
         embeddings = model.target.get_input_embeddings()  # never read by the bridge
         unused = embeddings.weight.numel() if embeddings is not None else 0
         return trainable, sum(p.numel() for p in model.parameters()) - unused
@@ -320,12 +343,19 @@ def ce_loss_fn(model: nn.Module, pad_id: int) -> Callable[[list[Example]], torch
 
 
 def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[list[Example]], torch.Tensor]:
-    """Cross-entropy of the composed model fed with cached source states (the source does not run)."""
+    """Cross-entropy of the composed model fed with cached source states (the source does not run).
+
+    Fusion reads the same states in the target's own columns (one tokenizer): all of them with sequence
+    memory, the prompt's with prompt memory."""
 
     def loss_fn(batch: list[Example]) -> torch.Tensor:
         tensors = collate(batch, bench.tokenizer.pad_token_id)
+        states, extra = bench.source_states(batch), {}
+        if model.config.topology == "fusion":
+            prompts = torch.tensor([e.prompt_length for e in batch]) if model.config.memory == "prompt" else None
+            states, extra = states[:, :, None], shared_source_inputs(tensors["attention_mask"], prompts)
         output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
-                       source_states=bench.source_states(batch))
+                       source_states=states, **extra)
         loss = lm_loss(output.logits, tensors["labels"])
         if output.head_logits is not None:  # a mixture head: its new head's own cross-entropy too (modeling.py)
             loss = loss + lm_loss(output.head_logits, tensors["labels"])
@@ -435,6 +465,8 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
             loss_fn = kd_loss_fn(model, bench.source, pad)
         elif spec.kind in COMPOSED:
             loss_fn = bridge_loss_fn(model, bench)
+        elif spec.kind == "semalign":
+            loss_fn = semalign_world.loss_fn(model, bench, budget.steps)
         else:
             loss_fn = ce_loss_fn(model, pad)
         result = train_loop(

@@ -43,7 +43,8 @@ def teacher_forced(model: nn.Module, examples: Sequence[Example], pad_id: int, b
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start: start + batch_size])
         batch = collate(chunk, pad_id)
-        predicted = logits_of(model, batch["input_ids"], batch["attention_mask"]).argmax(-1)  # [B, T]
+        prompts = torch.tensor([e.prompt_length for e in chunk])
+        predicted = logits_of(model, batch["input_ids"], batch["attention_mask"], prompts).argmax(-1)  # [B, T]
         for row, e in enumerate(chunk):
             results.append(all(int(predicted[row, k - 1]) == e.input_ids[k] for k in getattr(e, span)))
     return results
@@ -73,7 +74,8 @@ def leak_probe(
         chunk = list(examples[start: start + batch_size])
         batch = collate(chunk, pad_id)
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
-        plain = logits_of(model, ids, mask).float().log_softmax(-1)  # [B, T, V]
+        prompts = torch.tensor([e.prompt_length for e in chunk])
+        plain = logits_of(model, ids, mask, prompts).float().log_softmax(-1)  # [B, T, V]
         right = torch.ones(len(chunk), dtype=torch.bool)
         shift = torch.zeros(len(chunk))
         for j in range(max(len(e.knowledge) for e in chunk)):
@@ -83,7 +85,7 @@ def leak_probe(
                     k = e.knowledge[j]
                     n = len(e.input_ids) - k
                     scrambled[row, k: k + n] = torch.randint(0, vocab_size, (n,), generator=generator)
-            logp = logits_of(model, scrambled, mask).float().log_softmax(-1)
+            logp = logits_of(model, scrambled, mask, prompts).float().log_softmax(-1)
             for row, e in enumerate(chunk):
                 if j < len(e.knowledge):
                     k = e.knowledge[j]
@@ -112,10 +114,11 @@ def greedy_generate(
         chunk = [Example(list(p), list(p)) for p in prompts[start: start + batch_size]]
         batch = collate(chunk, pad_id, left=True)
         ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, T]
+        prompt_lengths = torch.tensor([len(e.input_ids) for e in chunk])
         done = torch.zeros(len(chunk), dtype=torch.bool)
         new: list[torch.Tensor] = []
         for _ in range(max_new_tokens):
-            token = logits_of(model, ids, mask)[:, -1].argmax(-1)  # [B]
+            token = logits_of(model, ids, mask, prompt_lengths)[:, -1].argmax(-1)  # [B]
             token = torch.where(done, torch.full_like(token, pad_id), token)
             new.append(token)
             done |= torch.isin(token, stops)

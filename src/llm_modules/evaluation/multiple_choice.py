@@ -1,0 +1,81 @@
+"""Multiple-choice questions (ARC, SciQ, MMLU rows of ``tools/offline-datasets.py``) as chat rows and letter accuracy.
+
+A row is ``{"question": str, "choices": [str], "answer": int}``. The prompt lists the choices as
+``A. ...`` lines and asks for the letter; the assistant's reply is the letter alone. Accuracy is
+read from the next-token logits right after the generation prompt: the letter with the highest
+logit among the row's letters is the model's answer (no sampling, no answer parsing).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..errors import LLMModulesError
+
+LETTERS = "ABCDEFGH"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a multiple-choice JSONL file, checked (errors name the file, line and field)."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        for name, kind in (("question", str), ("choices", list), ("answer", int)):
+            if not isinstance(row.get(name), kind):
+                raise LLMModulesError(f"{path}:{number}: field {name!r} must be a {kind.__name__}")
+        if not 2 <= len(row["choices"]) <= len(LETTERS) or not 0 <= row["answer"] < len(row["choices"]):
+            raise LLMModulesError(f"{path}:{number}: expected 2-{len(LETTERS)} choices and an answer index among them")
+        rows.append(row)
+    return rows
+
+
+def prompt_text(row: dict) -> str:
+    lines = [row["question"].strip(), ""] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"])]
+    return "\n".join(lines + ["", "Answer with the letter of the correct choice only."])
+
+
+def chat_row(row: dict) -> dict:
+    """A training row in the ``messages`` format: the question with its choices, the letter as the reply."""
+    return {"messages": [{"role": "user", "content": prompt_text(row)},
+                         {"role": "assistant", "content": LETTERS[row["answer"]]}]}
+
+
+def letter_ids(tokenizer: PreTrainedTokenizerBase, count: int) -> list[int]:
+    ids = []
+    for letter in LETTERS[:count]:
+        encoded = tokenizer(letter, add_special_tokens=False).input_ids
+        if len(encoded) != 1:
+            raise LLMModulesError(f"the letter {letter!r} is {len(encoded)} tokens for this tokenizer; expected one")
+        ids.append(encoded[0])
+    return ids
+
+
+@torch.no_grad()
+def letter_accuracy(model, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict], batch_size: int = 8) -> dict:
+    """{accuracy, correct, n, predictions}: the highest-logit letter after each row's generation prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt_text(r)}], add_generation_prompt=True,
+                                             tokenize=False) for r in rows]
+    predictions = []
+    for start in range(0, len(rows), batch_size):
+        encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start: start + batch_size]]
+        length = max(map(len, encoded))
+        ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding: the last position is every row's answer point
+            ids[i, length - len(e):], mask[i, length - len(e):] = torch.tensor(e), 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits[:, -1]
+        for row, scores in zip(rows[start: start + batch_size], logits.float().cpu()):
+            letters = letter_ids(tokenizer, len(row["choices"]))
+            predictions.append(int(scores[letters].argmax()))
+    correct = sum(int(p == r["answer"]) for p, r in zip(predictions, rows))
+    return {"accuracy": correct / max(1, len(rows)), "correct": correct, "n": len(rows), "predictions": predictions}

@@ -1,0 +1,114 @@
+"""Output heads: how the composed model turns its last hidden states into next-token logits.
+
+- ``new`` (bridge, the release): a fresh linear head over the source's vocabulary.
+- ``source`` (bridge): a learned d_t -> d_s projection into the source's frozen output head.
+- ``target`` (fusion): the target's own head, as it is.
+- ``source_mix``: log(g * p_source(here) + (1 - g) * p_base), g a per-position gate: every word the source
+  can say stays reachable. p_base is the new head (bridge) or the target's own head (fusion).
+- ``source_pointer``: three paths, log(g_here p_source(here) + g_pointed p_source(pointed) + g_base p_base).
+  p_source(pointed) is the source's head on an attention-weighted sum of the source states at positions <= i
+  (one causal pointer head): the model can repeat what the source predicted earlier, e.g. copy the fact
+  its reasoning recalled into the answer, for words that never occurred in the transfer data.
+
+Mixture heads read the source's vocabulary, so they need one tokenizer for both models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+MIX_FLOOR = 0.05  # every path of a mixture keeps at least this weight
+POINTER_DIM = 64  # query/key width of the pointer attention
+MIXTURE_HEADS = ("source_mix", "source_pointer")
+
+
+@dataclass
+class PointerMemory:
+    """The pointer head's past during decoding: projected keys [B, T, POINTER_DIM] and source states [B, T, d_s].
+    Both topologies' caches carry it."""
+
+    pointer_keys: torch.Tensor | None = None
+    pointer_states: torch.Tensor | None = None
+
+    def extend_pointer(self, keys: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' pointer keys/states; return all of them (past + new)."""
+        if self.pointer_keys is not None:
+            keys, states = torch.cat([self.pointer_keys, keys], 1), torch.cat([self.pointer_states, states], 1)
+        self.pointer_keys, self.pointer_states = keys, states
+        return keys, states
+
+    def reorder_pointer(self, beam_idx: torch.Tensor) -> None:
+        if self.pointer_keys is not None:
+            self.pointer_keys = self.pointer_keys.index_select(0, beam_idx.to(self.pointer_keys.device))
+            self.pointer_states = self.pointer_states.index_select(0, beam_idx.to(self.pointer_states.device))
+
+
+class SourceMixture(nn.Module):
+    """The gate (and pointer) of a mixture head; the distributions it mixes come from the caller."""
+
+    def __init__(self, d_target: int, d_source: int, pointer: bool) -> None:
+        super().__init__()
+        self.pointer = pointer
+        # source_mix: one logit (sigmoid, starts at 0.5); source_pointer: softmax over [here, pointed, base].
+        self.mix_gate = nn.Linear(d_target, 3 if pointer else 1)
+        if pointer:
+            # Queries from the target's stream (which knows where in the format it is); keys from both streams:
+            # the source's state says "a fact's value comes next" whatever the entity's name, where the target's
+            # alone let the pointer land a few tokens off on names of another length (measured in the fact world:
+            # it pointed at "that" instead of "is" and answered the name).
+            self.pointer_query = nn.Linear(d_target, POINTER_DIM, bias=False)
+            self.pointer_key = nn.Linear(d_target, POINTER_DIM, bias=False)
+            self.pointer_key_source = nn.Linear(d_source, POINTER_DIM, bias=False)
+
+    def pointer_keys(self, hidden: torch.Tensor, source_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, d_t], [B, T, d_s] -> [B, T, POINTER_DIM]: projected once per position (decoding caches them)."""
+        dtype = self.pointer_key.weight.dtype
+        return self.pointer_key(hidden.to(dtype)) + self.pointer_key_source(source_states.to(dtype))
+
+    def point(self, hidden: torch.Tensor, keys: torch.Tensor, states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Causal pointer attention. hidden [B, t, d_t] (the last t of T positions), keys [B, T, POINTER_DIM],
+        states [B, T, d_s], valid [B, T] (not padding) -> [B, t, d_s], a weighted sum of source states."""
+        t, total = hidden.shape[1], keys.shape[1]
+        scores = self.pointer_query(hidden.to(keys.dtype)) @ keys.transpose(1, 2) / POINTER_DIM**0.5  # [B, t, T]
+        rows = torch.arange(total - t, total, device=hidden.device)[:, None]
+        columns = torch.arange(total, device=hidden.device)[None, :]
+        # causal and not padding; a padding query keeps its own position, so that its row is not all -inf (NaN)
+        allowed = ((columns <= rows)[None] & valid[:, None, :].bool()) | (columns == rows)[None]
+        weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1)
+        return weights.to(states.dtype) @ states
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        base_logits: torch.Tensor,
+        source_logits: Callable[[torch.Tensor], torch.Tensor],
+        here_states: torch.Tensor,
+        pointer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Mixed log-probabilities [B, t, V].
+
+        hidden [B, t, d_t]; base_logits [B, t, V]; source_logits: source states [.., d_s] -> fp32 logits [.., V];
+        here_states [B, t, d_s] (the source at each position); pointer: (keys, states, valid) of all positions.
+        """
+        paths = [source_logits(here_states).log_softmax(-1)]
+        if self.pointer:
+            paths.append(source_logits(self.point(hidden, *pointer)).log_softmax(-1))
+        paths.append(base_logits.float().log_softmax(-1))
+        # Every weight kept >= MIX_FLOOR: a gate that saturates where the source is usually right cuts the base
+        # head's gradient at the positions where the source is wrong (measured in the fact world: the trace's
+        # format tokens after the thought never got learned). The floor alone was not enough with three paths:
+        # the gate kept choosing the source where the barely trained new head was worse (the training loss
+        # stalled at 0.28, -log 0.5 on format tokens), so training also adds the base head's own cross-entropy
+        # (the model returns head_logits for that).
+        logits = self.mix_gate(hidden.to(self.mix_gate.weight.dtype)).float()
+        if len(paths) == 2:
+            weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
+        else:
+            weights = logits.softmax(-1)  # [B, t, 3]
+        weights = MIX_FLOOR + (1 - len(paths) * MIX_FLOOR) * weights
+        log_weights = torch.log(weights)  # [B, t, paths]
+        return torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)

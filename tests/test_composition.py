@@ -18,6 +18,7 @@ from llm_modules.evaluation.factworld.methods import (
     MethodSpec,
     Workbench,
     bridge_spec,
+    fusion_spec,
     build_model,
     default_methods,
     method_from_mapping,
@@ -108,10 +109,10 @@ def test_harness_options_name_the_row_and_bad_values_are_errors():
                                 "train_target": "none", "head_init": "target"}) == spec
     with pytest.raises(LLMModulesError, match="train_target='some'"):
         bridge_spec(train_target="some")
-    with pytest.raises(LLMModulesError, match="only apply to kind: bridge or fusion"):
+    with pytest.raises(LLMModulesError, match="only apply to kind: bridge, fusion or semalign"):
         MethodSpec("x", "target_finetuned", {"head": "new"})
     fusion = method_from_mapping({"kind": "fusion", "memory": "prompt"})
-    assert fusion.kind == "fusion" and fusion.options == {"memory": "prompt"} and "memory_prompt" in fusion.name
+    assert fusion == fusion_spec(memory="prompt") and fusion.name == "llm_modules_fusion_prompt"
 
 
 def test_frozen_target_keeps_its_weights_and_the_head_starts_as_the_targets_own(world, tokenizer):

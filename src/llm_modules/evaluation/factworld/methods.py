@@ -159,7 +159,7 @@ def method_from_mapping(values: dict | str) -> MethodSpec:
     """A method from YAML: a known name (``target_finetuned``, ``llm_modules_bridge_causal_random``...)
     or ``{name?, kind, <bridge options>}``."""
     if isinstance(values, str):
-        known = {m.name: m for m in default_methods()}
+        known = {m.name: m for m in default_methods("facts") + default_methods("composition")}
         if values in known:
             return known[values]
         raise LLMModulesError(f"unknown method {values!r}; known: {', '.join(known)} (or a mapping with kind: bridge)")

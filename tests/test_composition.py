@@ -155,3 +155,37 @@ def test_a_job_gives_the_same_numbers_inline_and_in_two_worker_processes(world, 
         torch.set_num_threads(threads)
     pooled = run_jobs(_tiny_target, [(world, tokenizer)] * 2, workers=2)
     assert inline[0] == pooled[0] == pooled[1]  # bit for bit
+
+
+TINY_COMPOSITION = """\
+output: {output}
+seeds: [0, 1]
+world: {{kind: composition, entities: 6, relations: 4, background_entities: 4}}
+source: {{family: llama, hidden: 32, layers: 2, heads: 2, steps: 20, eval_every: 10}}
+target: {{family: llama, hidden: 32, layers: 1, heads: 2, steps: 20}}
+budget: {{steps: 6, batch_size: 4, eval_every: 3, validation_facts: 4}}
+methods:
+  - source_alone
+  - target_alone
+  - skyline_target_given_fact
+  - {{kind: fusion, memory: sequence, head: source_mix}}
+  - {{kind: fusion, memory: prompt}}
+workers: 1
+"""
+
+
+def test_tiny_composition_compare_reports_every_row_over_seeds_with_fusion_gates(tmp_path):
+    from llm_modules.cli import main
+
+    config_path = tmp_path / "compare.yaml"
+    config_path.write_text(TINY_COMPOSITION.format(output=tmp_path / "out"))
+    assert main(["compare", "--config", str(config_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["methods"]) == ["source_alone", "target_alone", "skyline_target_given_fact",
+                                        "llm_modules_fusion_sequence_head_source_mix", "llm_modules_fusion_prompt"]
+    for entry in results["methods"].values():
+        assert len(entry["test_accuracy"]) == 2  # one per seed
+    assert results["chance"] == pytest.approx(0.01)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "± is the standard deviation over seeds" in report and "| llm_modules_fusion_prompt |" in report
+    assert (tmp_path / "out" / "gates.png").stat().st_size > 1000  # the fusion rows' gates, read in their workers

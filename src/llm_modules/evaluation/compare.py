@@ -52,7 +52,7 @@ def _pretrain(which: str, world: FactWorld, tokenizer, settings, seed: int, prog
     start = time.perf_counter()
     if which == "source":
         model, run = pretrain_source(
-            world, tokenizer, hidden=settings.hidden, layers=settings.layers, heads=settings.heads,
+            world, tokenizer, family=settings.family, hidden=settings.hidden, layers=settings.layers, heads=settings.heads,
             steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, repeats=settings.repeats, seed=seed,
             target_recall=settings.target_recall, eval_every=settings.eval_every, progress=progress,
         )

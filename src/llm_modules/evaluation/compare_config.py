@@ -43,8 +43,12 @@ class WorldSettings:
 
 @dataclass
 class SourceSettings:
-    """A Qwen2 source pretrained from scratch on every fact, in varied contexts."""
+    """A source pretrained from scratch on every fact, in varied contexts. ``family``: Qwen2 as in the paper; the
+    composition world's is a Llama, because transformers reloads any Qwen2 folder's tokenizer as
+    ``Qwen2Tokenizer``, whose pre-tokenizer splits " 4" into " " and "4": the world's one-token digits would not
+    survive ``save_pretrained`` (the saved source would read other ids than it was trained on)."""
 
+    family: str = "qwen2"
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -153,7 +157,7 @@ def demo_config(output: str = "runs/demo") -> CompareConfig:
         output=output,
         seeds=[0, 1, 2],
         world=WorldSettings(kind="composition", entities=24, relations=4, background_entities=16, validation_fraction=0.2),
-        source=SourceSettings(steps=1000, target_recall=0.99),
+        source=SourceSettings(family="llama", steps=1000, target_recall=0.99),
         target=TargetSettings(family="llama", steps=1000),
         budget=Budget(steps=300, lr=5e-4, target_lr=5e-4, eval_every=50, patience=4),
         methods=[method_from_mapping(m) for m in DEMO_METHODS],

@@ -152,6 +152,8 @@ def composition_methods() -> list[MethodSpec]:
                     head_init="target"),
         fusion_spec(memory="prompt"),  # the target keeps its embeddings, head and cipher; reads the question's source
         fusion_spec(memory="sequence"),  # ... and the source reads along the reply
+        fusion_spec(memory="sequence", head="source_mix"),  # ... and its next-token distribution is mixed in
+        fusion_spec(memory="sequence", head="source_pointer"),  # ... also at an earlier position a pointer picks
     ]
 
 

@@ -37,6 +37,7 @@ def causal_lm_loss_fn(model: torch.nn.Module, pad_id: int):
 def pretrain_source(
     world: FactWorld,
     tokenizer: PreTrainedTokenizerBase,
+    family: str = "qwen2",
     hidden: int = 128,
     layers: int = 4,
     heads: int = 4,
@@ -60,7 +61,7 @@ def pretrain_source(
     recall at the trace answer point stays at chance (measured: 8x4 world, 2 layers x 64, 600 steps:
     12.5% with 6 repeats, 56% with 150, 100% after 250 steps with fresh documents).
     """
-    model = _new_model("qwen2", tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
+    model = _new_model(family, tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
     if repeats is None:
         repeats = max(1, math.ceil(steps * batch_size * FACTS_PER_DOCUMENT / len(world.facts)))
     documents = world.source_documents(repeats=repeats, facts_per_document=FACTS_PER_DOCUMENT, seed=seed)

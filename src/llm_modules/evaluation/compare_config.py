@@ -143,24 +143,24 @@ DEMO_METHODS = [
     "source_alone", "target_alone", "skyline_source_recalls_fact", "skyline_target_given_fact",
     "target_finetuned",
     "llm_modules_bridge_causal_random",  # the paper's graph (a new head, the target re-initialised), made causal
-    {"kind": "bridge", "target_init": "pretrained", "head": "source_pointer"},
-    {"kind": "fusion", "memory": "sequence", "head": "source_mix"},
-    {"kind": "fusion", "memory": "sequence", "head": "source_pointer"},
+    {"kind": "fusion", "memory": "sequence", "head": "source_mix", "fusion_layers": []},
+    {"kind": "fusion", "memory": "sequence", "head": "source_pointer", "fusion_layers": []},
 ]
 
 
 def demo_config(output: str = "runs/demo") -> CompareConfig:
-    """The README's main job: the composition world (each parent holds half of every answer), 3 seeds, the parents,
+    """The README's main job: the composition world (each parent holds half of every answer), 2 seeds, the parents,
     the skylines and the main rows, sized for 2 CPU cores in < 10 minutes. ``examples/compare-composition.yaml``
     runs every method."""
     return CompareConfig(
         output=output,
-        seeds=[0, 1, 2],
-        world=WorldSettings(kind="composition", entities=24, relations=4, background_entities=16, validation_fraction=0.2),
-        source=SourceSettings(family="llama", steps=1000, target_recall=0.99),
+        seeds=[0, 1],
+        world=WorldSettings(kind="composition", entities=24, relations=4, background_entities=16,
+                            validation_fraction=0.2),
+        source=SourceSettings(family="llama", steps=1000, target_recall=0.99, eval_every=50),
         target=TargetSettings(family="llama", steps=1000),
-        budget=Budget(steps=300, lr=5e-4, target_lr=5e-4, eval_every=50, patience=4),
+        budget=Budget(steps=600, lr=5e-4, target_lr=5e-4, mixture_lr=3e-2, eval_every=100, patience=3),
         methods=[method_from_mapping(m) for m in DEMO_METHODS],
-        note="demo: the composition world, 3 seeds, 9 rows, 300 steps; every method: "
+        note="demo: the composition world, 2 seeds, 8 rows, 600 steps; every method on 3 seeds: "
         "examples/compare-composition.yaml",
     )

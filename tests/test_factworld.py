@@ -77,12 +77,12 @@ def pretrained(small_world):
 
 def test_the_source_really_knows_held_out_facts_at_the_traces_answer_point(pretrained):
     bench, run = pretrained
-    recall = source_recall(bench.source, bench.tokenizer, bench.world.test, "trace")
+    recall = source_recall(bench.source, bench.tokenizer, bench.world, bench.world.test, "trace")
     assert recall >= 0.9, f"source recall on test facts {recall:.0%} after {run.steps_run} steps"
     assert run.validation and run.validation[-1][1] == pytest.approx(
-        source_recall(bench.source, bench.tokenizer, bench.world.facts, "trace"))
+        source_recall(bench.source, bench.tokenizer, bench.world, bench.world.facts, "trace"))
     # the target, pretrained on the world's language without its facts, does not know them
-    assert source_recall(bench.target, bench.tokenizer, bench.world.test, "trace") < 0.5
+    assert source_recall(bench.target, bench.tokenizer, bench.world, bench.world.test, "trace") < 0.5
 
 
 class PeekNextToken(nn.Module):
@@ -100,7 +100,7 @@ class PeekNextToken(nn.Module):
 def test_leak_probe_collapses_for_a_leaky_model_and_equals_teacher_forcing_for_causal_ones(pretrained):
     bench, _ = pretrained
     tokenizer, vocab = bench.tokenizer, len(bench.tokenizer)
-    examples = [encode_trace(tokenizer, f) for f in bench.world.test]
+    examples = [encode_trace(tokenizer, bench.world, f) for f in bench.world.test]
     pad = tokenizer.pad_token_id
 
     peek = PeekNextToken(vocab)
@@ -156,6 +156,7 @@ methods:
   - {{kind: bridge, target_init: pretrained, head: source_mix, connector_layers: 1}}
 sweep_fractions: [0.25, 0.5]
 sweep_methods: [source_head]
+workers: 1
 """
 
 

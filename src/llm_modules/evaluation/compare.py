@@ -1,11 +1,13 @@
 """``llm-modules compare`` and ``llm-modules demo``: does knowledge transfer? Every method, one harness.
 
-1. Build the fact world (``factworld.world``) and its tokenizer.
-2. Pretrain the source on every fact until it recalls them at the traces' answer point, and the
-   target on the world's language without any of its facts (``factworld.models``).
+1. Build the world (``factworld.world``: the source knows every answer; ``factworld.composition``: an answer
+   needs the source's fact and the target's cipher) and its tokenizer.
+2. Pretrain the source on every fact until it recalls them at the traces' recall point, and the target on the
+   world's language (and cipher) without any of its facts (``factworld.models``); the two side by side.
 3. Train and score each method per seed under one budget (``factworld.methods``); optionally again
    for each transfer fraction of the sweep (the facts stay the same, only the splits change, so the
-   two pretrained models are reused).
+   two pretrained models are reused). Every job runs on one thread, in worker processes
+   (``factworld.pool``), so the numbers do not depend on the thread count.
 4. Write ``results.json``, ``report.md`` and the plots (``report``) and print the table.
 """
 
@@ -19,13 +21,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from .compare_config import CompareConfig, config_from_mapping, demo_config, load_compare_config
+from .compare_config import CompareConfig, WorldSettings, config_from_mapping, demo_config, load_compare_config
 from ..errors import LLMModulesError
+from .factworld.composition import build_composition_world
 from .factworld.lm import build_world_tokenizer
-from .factworld.methods import MethodRun, Workbench, recall_report, run_method
+from .factworld.methods import Budget, MethodRun, MethodSpec, Workbench, recall_report, run_method
 from .factworld.models import pretrain_source, pretrain_target, save_model
+from .factworld.pool import available_cores, one_thread, run_jobs
 from .factworld.world import FactWorld, build_world, fact_sentence
 from ..training.config import parse_overrides
 
@@ -34,119 +36,148 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench, dict]:
-    """The world and its two pretrained models; returns the bench and what pretraining measured."""
-    world_settings = config.world
-    world = build_world(
-        entities=world_settings.entities, relations=world_settings.relations,
-        transfer_fraction=world_settings.transfer_fraction, validation_fraction=world_settings.validation_fraction,
-        background_entities=world_settings.background_entities, seed=world_settings.seed,
-    )
-    log(f"world: {world.summary()}")
-    tokenizer = build_world_tokenizer(world)
-    s, t = config.source, config.target
-    start = time.perf_counter()
-    source, source_run = pretrain_source(
-        world, tokenizer, hidden=s.hidden, layers=s.layers, heads=s.heads, steps=s.steps, batch_size=s.batch_size,
-        lr=s.lr, repeats=s.repeats, seed=world_settings.seed, target_recall=s.target_recall,
-        eval_every=s.eval_every, progress=progress,
-    )
-    source_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    target, target_run = pretrain_target(
-        world, tokenizer, hidden=t.hidden, layers=t.layers, heads=t.heads, steps=t.steps, batch_size=t.batch_size,
-        lr=t.lr, seed=world_settings.seed, progress=progress,
-    )
-    target_seconds = time.perf_counter() - start
-    bench = Workbench(world, tokenizer, source, target)
-    recall = recall_report(bench)
-    log(f"source pretrained in {source_seconds:.0f}s ({source_run.steps_run} steps): recall at the trace answer point "
-        f"{recall['test_trace']:.0%} of test facts, in its own format {recall['test_own']:.0%}")
-    if recall["test_trace"] < config.source.target_recall:
-        log(f"WARNING: the source recalls only {recall['test_trace']:.0%} of test facts at the answer point (target "
-            f"{config.source.target_recall:.0%}); no method can transfer what it does not know. Train it longer or "
-            "wider (source.steps, source.hidden) before reading the table.")
-    log(f"target pretrained in {target_seconds:.0f}s on {t.steps * t.batch_size} traces and sentences about "
-        f"{len({f.entity for f in world.background})} other entities, values drawn afresh each time (none of the world's facts)")
-    pretraining = {
-        "source": {"seconds": source_seconds, "steps": source_run.steps_run, "recall": recall,
-                   "params": sum(p.numel() for p in source.parameters()), "loss_curve": source_run.losses[::10]},
-        "target": {"seconds": target_seconds, "steps": target_run.steps_run,
-                   "params": sum(p.numel() for p in target.parameters()), "loss_curve": target_run.losses[::10]},
-    }
-    return bench, pretraining
-
-
-def with_fraction(world: FactWorld, settings, fraction: float) -> FactWorld:
-    """The same facts split again with another transfer fraction."""
-    return build_world(
-        entities=settings.entities, relations=settings.relations, transfer_fraction=fraction,
+def world_from_settings(settings: WorldSettings, transfer_fraction: float | None = None) -> FactWorld:
+    """The world ``settings`` describe (optionally split with another transfer fraction: the same facts)."""
+    build = build_composition_world if settings.kind == "composition" else build_world
+    return build(
+        entities=settings.entities, relations=settings.relations,
+        transfer_fraction=settings.transfer_fraction if transfer_fraction is None else transfer_fraction,
         validation_fraction=settings.validation_fraction, background_entities=settings.background_entities,
         seed=settings.seed,
     )
 
 
-def run_all(config: CompareConfig, bench: Workbench, progress: bool = True) -> list[MethodRun]:
-    runs: list[MethodRun] = []
-    total = len(config.methods) * len(config.seeds)
-    for seed in config.seeds:
-        for spec in config.methods:
-            run = run_method(spec, bench, config.budget, seed, progress=progress)
-            runs.append(run)
-            s = run.scores
-            log(f"[{len(runs)}/{total}] {spec.name} seed {seed}: test {s.accuracy:.0%} (seen {s.accuracy_seen:.0%}, "
-                f"unseen {s.accuracy_unseen:.0%}), teacher-forced {s.teacher_forced:.0%}, leak probe {s.leak_probe:.0%} "
-                f"(largest log p change {s.leak_shift:.2g}), format {s.format_adherence:.0%}, {run.seconds:.0f}s")
-    return runs
+def _pretrain(which: str, world: FactWorld, tokenizer, settings, seed: int, progress: bool):
+    """One of the two pretraining jobs: (model, TrainResult, seconds)."""
+    start = time.perf_counter()
+    if which == "source":
+        model, run = pretrain_source(
+            world, tokenizer, family=settings.family, hidden=settings.hidden, layers=settings.layers, heads=settings.heads,
+            steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, repeats=settings.repeats, seed=seed,
+            target_recall=settings.target_recall, eval_every=settings.eval_every, progress=progress,
+        )
+    else:
+        model, run = pretrain_target(
+            world, tokenizer, family=settings.family, hidden=settings.hidden, layers=settings.layers,
+            heads=settings.heads, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
+            progress=progress,
+        )
+    return model, run, time.perf_counter() - start
 
 
-def run_sweep(config: CompareConfig, bench: Workbench, progress: bool = True,
-              done: Sequence[MethodRun] = ()) -> dict[str, dict[str, list[float]]]:
-    """{fraction: {method: [test accuracy per seed]}} for each transfer fraction of the sweep.
+def workers_for(config: CompareConfig) -> int:
+    return config.workers if config.workers > 0 else available_cores()
 
-    ``done``: runs of the main comparison; at the main transfer fraction (the same world) they are reused.
+
+def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench, dict]:
+    """The world and its two pretrained models; returns the bench and what pretraining measured."""
+    world = world_from_settings(config.world)
+    log(f"world: {world.summary()}")
+    tokenizer = build_world_tokenizer(world)
+    workers = workers_for(config)
+    seed = config.world.seed
+    jobs = [("source", world, tokenizer, config.source, seed, progress and workers <= 1),
+            ("target", world, tokenizer, config.target, seed, progress and workers <= 1)]
+    (source, source_run, source_seconds), (target, target_run, target_seconds) = run_jobs(_pretrain, jobs, workers)
+    bench = Workbench(world, tokenizer, source, target)
+    with one_thread():
+        recall = recall_report(bench)
+    log(f"source pretrained in {source_seconds:.0f}s ({source_run.steps_run} steps): recall at the trace's recall point "
+        f"{recall['test_trace']:.0%} of test facts, in its own format {recall['test_own']:.0%}")
+    if recall["test_trace"] < config.source.target_recall:
+        log(f"WARNING: the source recalls only {recall['test_trace']:.0%} of test facts at the recall point (target "
+            f"{config.source.target_recall:.0%}); no method can transfer what it does not know. Train it longer or "
+            "wider (source.steps, source.hidden) before reading the table.")
+    t = config.target
+    log(f"target ({t.family}) pretrained in {target_seconds:.0f}s on {t.steps * t.batch_size} traces and sentences "
+        f"about {len({f.entity for f in world.background})} other entities, values drawn afresh each time (none of the "
+        "world's facts)")
+    pretraining = {
+        "source": {"seconds": source_seconds, "steps": source_run.steps_run, "recall": recall,
+                   "params": sum(p.numel() for p in source.parameters()), "loss_curve": source_run.losses[::10]},
+        "target": {"seconds": target_seconds, "steps": target_run.steps_run, "family": t.family,
+                   "params": sum(p.numel() for p in target.parameters()), "loss_curve": target_run.losses[::10]},
+    }
+    return bench, pretraining
+
+
+def _run_job(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, progress: bool) -> MethodRun:
+    run = run_method(spec, bench, budget, seed, progress=progress)
+    run.model = None  # models stay in their worker (the report reads run.inspection); transformers' hooks do not pickle
+    return run
+
+
+def _summary(run: MethodRun) -> str:
+    s = run.scores
+    return (f"{run.spec.name} seed {run.seed}: test {s.accuracy:.0%} (seen {s.accuracy_seen:.0%}, unseen "
+            f"{s.accuracy_unseen:.0%}), teacher-forced {s.teacher_forced:.0%}, leak probe {s.leak_probe:.0%} (largest "
+            f"log p change {s.leak_shift:.2g}), format {s.format_adherence:.0%}, {run.seconds:.0f}s")
+
+
+def run_all(config: CompareConfig, bench: Workbench, progress: bool = True) -> tuple[list[MethodRun], dict]:
+    """Every method on every seed, then the sweep: (the main runs, {fraction: {method: [test accuracy per seed]}}).
+
+    All jobs share one pool of workers. At the main transfer fraction (the same world) the sweep reuses the main runs.
     """
     names = set(config.sweep_methods) or {m.name for m in config.methods}
     unknown = names - {m.name for m in config.methods}
     if unknown:
         raise LLMModulesError(f"sweep_methods {sorted(unknown)} are not among the configured methods")
+    workers = workers_for(config)
+    inline = progress and workers <= 1
+    jobs = [(spec, bench, config.budget, seed, inline) for seed in config.seeds for spec in config.methods]
+    main = len(jobs)
+    sweep_jobs: list[tuple[str, str]] = []  # (fraction, method name) of each sweep job
+    for fraction in config.sweep_fractions:
+        if fraction == config.world.transfer_fraction:
+            continue
+        world = world_from_settings(config.world, fraction)
+        log(f"sweep: transfer fraction {fraction:.0%}: {world.summary()}")
+        for spec in config.methods:
+            if spec.name in names:
+                for seed in config.seeds:
+                    jobs.append((spec, replace(bench, world=world, _states={}), config.budget, seed, inline))
+                    sweep_jobs.append((f"{fraction:g}", spec.name))
+    done = 0
+
+    def report(index: int, run: MethodRun) -> None:
+        nonlocal done
+        done += 1
+        where = "" if index < main else f" (sweep, transfer {sweep_jobs[index - main][0]})"
+        log(f"[{done}/{len(jobs)}] {_summary(run)}{where}")
+
+    log(f"{len(jobs)} jobs on {min(workers, len(jobs))} worker(s), one thread each")
+    runs = run_jobs(_run_job, jobs, workers, on_done=report)
     sweep: dict[str, dict[str, list[float]]] = {}
     for fraction in config.sweep_fractions:
-        world = with_fraction(bench.world, config.world, fraction)
-        log(f"sweep: transfer fraction {fraction:.0%}: {world.summary()}")
-        fraction_bench = replace(bench, world=world)
+        key = f"{fraction:g}"
+        if fraction == config.world.transfer_fraction:
+            chosen = [r for r in runs[:main] if r.spec.name in names]
+        else:
+            chosen = [r for (f, _), r in zip(sweep_jobs, runs[main:]) if f == key]
         results: dict[str, list[float]] = {}
         for spec in config.methods:
-            if spec.name not in names:
-                continue
-            for seed in config.seeds:
-                reuse = [r for r in done if r.spec.name == spec.name and r.seed == seed]
-                if reuse and fraction == config.world.transfer_fraction:
-                    run = reuse[0]
-                else:
-                    run = run_method(spec, fraction_bench, config.budget, seed, progress=progress)
+            for run in (r for r in chosen if r.spec.name == spec.name):
                 results.setdefault(spec.name, []).append(run.scores.accuracy)
                 results.setdefault(f"{spec.name}/unseen", []).append(run.scores.accuracy_unseen)
-            log(f"  {spec.name}: {sum(results[spec.name]) / len(results[spec.name]):.0%}")
-        sweep[f"{fraction:g}"] = results
-    return sweep
+        sweep[key] = results
+    return runs[:main], sweep
 
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run the whole comparison; write the report into ``config.output``; return results.json's content."""
     from .report import build_results, write_report
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     bench, pretraining = build_bench(config, progress)
     save_model(bench.source, bench.tokenizer, output / "models" / "source", [fact_sentence(bench.world.facts[0])])
     save_model(bench.target, bench.tokenizer, output / "models" / "target", [fact_sentence(bench.world.background[0])])
-    runs = run_all(config, bench, progress)
-    sweep = run_sweep(config, bench, progress, done=runs) if config.sweep_fractions else {}
+    runs, sweep = run_all(config, bench, progress)
     results = build_results(config, bench, pretraining, runs, sweep, time.perf_counter() - start)
-    write_report(results, runs, bench, output)
+    with one_thread():
+        write_report(results, runs, bench, output)
     return results
 
 

@@ -20,8 +20,15 @@ from .factworld.methods import Budget, MethodSpec, default_methods, method_from_
 from ..training.config import _convert, read_yaml_mapping
 
 
+WORLD_KINDS = ("facts", "composition")
+
+
 @dataclass
 class WorldSettings:
+    """``kind``: "facts" (the source knows every answer, issue 4) or "composition" (an answer needs a fact the source
+    knows and a cipher the target knows, ``factworld.composition``)."""
+
+    kind: str = "facts"
     entities: int = 40
     relations: int = 8
     transfer_fraction: float = 0.25
@@ -29,11 +36,19 @@ class WorldSettings:
     background_entities: int = 24
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.kind not in WORLD_KINDS:
+            raise LLMModulesError(f"world.kind {self.kind!r} is not one of {', '.join(WORLD_KINDS)}")
+
 
 @dataclass
 class SourceSettings:
-    """A Qwen2 source pretrained from scratch on every fact, in varied contexts."""
+    """A source pretrained from scratch on every fact, in varied contexts. ``family``: Qwen2 as in the paper; the
+    composition world's is a Llama, because transformers reloads any Qwen2 folder's tokenizer as
+    ``Qwen2Tokenizer``, whose pre-tokenizer splits " 4" into " " and "4": the world's one-token digits would not
+    survive ``save_pretrained`` (the saved source would read other ids than it was trained on)."""
 
+    family: str = "qwen2"
     hidden: int = 128
     layers: int = 4
     heads: int = 4
@@ -47,8 +62,10 @@ class SourceSettings:
 
 @dataclass
 class TargetSettings:
-    """A GPT-Neo target pretrained from scratch on the world's language, none of its facts."""
+    """A target pretrained from scratch on the world's language (and the composition world's cipher), none of its
+    facts. ``family``: a ``tiny.tiny_config`` family (GPT-Neo as in the paper; the composition world needs a Llama)."""
 
+    family: str = "gpt_neo"
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -65,14 +82,23 @@ class CompareConfig:
     source: SourceSettings = field(default_factory=SourceSettings)
     target: TargetSettings = field(default_factory=TargetSettings)
     budget: Budget = field(default_factory=Budget)
-    methods: list[MethodSpec] = field(default_factory=default_methods)
+    methods: list[MethodSpec] = field(default_factory=list)  # default: every method of the world's kind
     sweep_fractions: list[float] = field(default_factory=list)  # e.g. [0.1, 0.25, 0.5, 0.75]
     sweep_methods: list[str] = field(default_factory=list)  # default: every method
+    workers: int = 0  # processes, one thread each (results do not depend on it); 0: one per available CPU core
     note: str = ""  # printed with the table (the demo says what it scaled down)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            self.methods = default_methods(self.world.kind)
+        names = [m.name for m in self.methods]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise LLMModulesError(f"methods: {', '.join(repeated)} listed twice (give one of them a name: ...)")
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        values["methods"] = [{"name": m.name, "kind": m.kind, **m.bridge} for m in self.methods]
+        values["methods"] = [{"name": m.name, "kind": m.kind, **m.options} for m in self.methods]
         return values
 
 
@@ -113,14 +139,28 @@ def load_compare_config(path: str | Path) -> CompareConfig:
     return config_from_mapping(read_yaml_mapping(path), where=str(path))
 
 
+DEMO_METHODS = [
+    "source_alone", "target_alone", "skyline_source_recalls_fact", "skyline_target_given_fact",
+    "target_finetuned",
+    "llm_modules_bridge_causal_random",  # the paper's graph (a new head, the target re-initialised), made causal
+    {"kind": "fusion", "memory": "sequence", "head": "source_mix", "fusion_layers": []},
+    {"kind": "fusion", "memory": "sequence", "head": "source_pointer", "fusion_layers": []},
+]
+
+
 def demo_config(output: str = "runs/demo") -> CompareConfig:
-    """The README's main job: every method on one seed of a smaller world, sized for 2 CPU cores in < 10 min."""
+    """The README's main job: the composition world (each parent holds half of every answer), 2 seeds, the parents,
+    the skylines and the main rows, sized for 2 CPU cores in < 10 minutes. ``examples/compare-composition.yaml``
+    runs every method."""
     return CompareConfig(
         output=output,
-        seeds=[0],
-        world=WorldSettings(entities=32, relations=8, background_entities=16),
-        source=SourceSettings(steps=1000),
-        budget=Budget(steps=400, eval_every=100, patience=2),
-        note="demo: 1 seed, 13 methods, 400 steps; the full run (examples/compare.yaml) uses 3 seeds, 15 methods, "
-        "600 steps and sweeps the transfer fraction",
+        seeds=[0, 1],
+        world=WorldSettings(kind="composition", entities=24, relations=4, background_entities=16,
+                            validation_fraction=0.2),
+        source=SourceSettings(family="llama", steps=1000, target_recall=0.99, eval_every=50),
+        target=TargetSettings(family="llama", steps=1000),
+        budget=Budget(steps=600, lr=5e-4, target_lr=5e-4, mixture_lr=3e-2, eval_every=100, patience=3),
+        methods=[method_from_mapping(m) for m in DEMO_METHODS],
+        note="demo: the composition world, 2 seeds, 8 rows, 600 steps; every method on 3 seeds: "
+        "examples/compare-composition.yaml",
     )

@@ -19,7 +19,6 @@ from typing import Sequence
 
 import torch
 
-from .factworld.lm import encode_trace
 from .factworld.methods import MethodRun, Workbench
 
 PER_SEED = {
@@ -53,7 +52,7 @@ def build_results(config, bench: Workbench, pretraining: dict, runs: Sequence[Me
         entry["trainable_params"] = run.trainable_params
         entry["inference_params"] = run.inference_params
         entry["kind"] = run.spec.kind
-        entry["options"] = dict(run.spec.bridge)
+        entry["options"] = dict(run.spec.options)
     for entry in methods.values():
         entry["seconds"] = sum(entry["seconds_per_seed"]) / len(entry["seconds_per_seed"])
     world = bench.world
@@ -61,6 +60,7 @@ def build_results(config, bench: Workbench, pretraining: dict, runs: Sequence[Me
         "chance": world.chance,
         "methods": methods,
         "world": {
+            "kind": world.kind,
             "summary": world.summary(),
             "facts": len(world.facts),
             "transfer": len(world.transfer),
@@ -137,38 +137,28 @@ def write_report(results: dict, runs: Sequence[MethodRun], bench: Workbench, out
     (output / "results.json").write_text(json.dumps(results, indent=2))
     plots = write_plots(results, runs, bench, output)
     samples = _sample_outputs(runs)
-    recall = results["pretraining"]["source"]["recall"]
     settings = results["settings"]
-    text = [
-        "# Does knowledge transfer? The fact-world comparison",
-        "",
-        f"World: {results['world']['summary']}.",
-        f"Source (Qwen2 architecture, {_params(results['pretraining']['source']['params'])} weights) pretrained on every "
-        f"fact in varied contexts: recall at the traces' answer point {recall.get('test_trace', float('nan')):.0%} on test "
-        f"facts ({recall.get('transfer_trace', float('nan')):.0%} on transfer facts), in its own sentence form "
-        f"{recall.get('test_own', float('nan')):.0%}. Target (GPT-Neo architecture, "
-        f"{_params(results['pretraining']['target']['params'])} weights) pretrained on the world's language about other "
-        "entities: it knows the trace format, none of these facts.",
-        "",
+    text = _introduction(results) + [
         f"Every trained method: {settings['budget']['steps']} steps of batch {settings['budget']['batch_size']} on the "
         f"transfer traces (every question form of each transfer fact), early stopping on validation facts' "
         f"greedy answer accuracy (every {settings['budget']['eval_every']} steps, patience "
-        f"{settings['budget']['patience']}).",
+        f"{settings['budget']['patience']}; of equal scores the later checkpoint).",
         "",
         "## Test facts (never in transfer data)",
         "",
         markdown_table(results),
         "",
-        "- **test acc**: the answer parsed from the greedy output's solution block equals the fact's value; "
-        "*answer seen/unseen*: whether that value word occurs anywhere in the transfer data.",
-        "- **teacher-forced**: the answer tokens inside the reasoning are the argmax given the gold prefix.",
-        "- **leak probe**: the same, after replacing the answer token and everything after it with random "
+        "- **test acc**: the answer parsed from the greedy output's solution block equals the final answer; "
+        "*answer seen/unseen*: whether that answer occurs anywhere in the transfer data.",
+        "- **teacher-forced**: the knowledge tokens inside the reasoning (the recalled value; in the composition world "
+        "also the cipher) are the argmax given the gold prefix.",
+        "- **leak probe**: the same, after replacing that token and everything after it with random "
         "tokens: equal to teacher-forced for a causal model, collapsing for one that relies on the future. "
         "*leak Δlog p*: the largest change of an answer-position log-probability that this scrambling caused "
         "(largest over seeds): exactly 0 for a causal model; above 0, the model reads later positions, whether or "
         "not its accuracy depends on them.",
         "- `source_alone` answers in its own sentence form; its teacher-forced column is its recall at the "
-        "traces' answer point.",
+        "traces' recall point.",
         "",
     ]
     if settings.get("note"):
@@ -182,6 +172,37 @@ def write_report(results: dict, runs: Sequence[MethodRun], bench: Workbench, out
     path = output / "report.md"
     path.write_text("\n".join(text))
     return path
+
+
+def _introduction(results: dict) -> list[str]:
+    """The report's opening: what the world is and what the two pretrained models know."""
+    recall = results["pretraining"]["source"]["recall"]
+    source, target = results["pretraining"]["source"], results["pretraining"]["target"]
+    composition = results["world"].get("kind") == "composition"
+    knows = ("the world's language and a cipher of the 100 two-digit numbers, learned on other entities: it knows "
+             "the skill, none of these facts" if composition else
+             "the world's language about other entities: it knows the trace format, none of these facts")
+    lines = [
+        "# Does knowledge transfer? The fact-world comparison" if not composition else
+        "# Composition: the source knows the facts, the target knows the cipher",
+        "",
+        f"World: {results['world']['summary']}.",
+        f"Source (Qwen2 architecture, {_params(source['params'])} weights) pretrained on every "
+        f"fact in varied contexts: recall at the traces' recall point {recall.get('test_trace', float('nan')):.0%} on "
+        f"test facts ({recall.get('transfer_trace', float('nan')):.0%} on transfer facts), in its own sentence form "
+        f"{recall.get('test_own', float('nan')):.0%}. Target ({target.get('family', 'gpt_neo')}, "
+        f"{_params(target['params'])} weights) pretrained on {knows}.",
+        "",
+    ]
+    if composition:
+        lines += [
+            "A question needs both: \"What is the cipher of Velmora's room?\" -> thought \"I recall that Velmora's room "
+            "is 4 7. The cipher of 4 7 is 9 2.\" -> answer \"9 2\". `source_alone` and `target_alone` are the parents; "
+            "`skyline_source_recalls_fact` (the source says the fact in its own format) and `skyline_target_given_fact` "
+            "(the target is given the recalled fact) bound what a composition can reach.",
+            "",
+        ]
+    return lines
 
 
 def _sample_outputs(runs: Sequence[MethodRun]) -> list[str]:
@@ -210,7 +231,7 @@ def write_plots(results: dict, runs: Sequence[MethodRun], bench: Workbench, outp
         _accuracy_plot(plt, results, output / "accuracy.png"),
         _curves_plot(plt, runs, output / "training-curves.png"),
         _gates_plot(plt, runs, output / "gates.png"),
-        _attention_plot(plt, runs, bench, output / "cross-attention.png"),
+        _attention_plot(plt, runs, output / "cross-attention.png"),
         _sweep_plot(plt, results["sweep"], output / "sweep.png"),
     ]
     return [p for p in paths if p is not None]
@@ -262,16 +283,16 @@ def _curves_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
 
 
 def _bridges(runs: Sequence[MethodRun], kinds: tuple[str, ...] = ("bridge",)) -> list[MethodRun]:
-    return [r for r in runs if r.spec.kind in kinds and r.seed == runs[0].seed and r.model is not None]
+    return [r for r in runs if r.spec.kind in kinds and r.seed == runs[0].seed and r.inspection]
 
 
 def _gates_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
-    bridges = _bridges(runs, ("bridge", "fusion"))
+    bridges = [r for r in _bridges(runs, ("bridge", "fusion")) if r.inspection.get("gates")]
     if not bridges:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for run in bridges:
-        gates = run.model.gate_values()
+        gates = run.inspection["gates"]
         ax.plot(range(1, len(gates) + 1), gates, marker="o", label=run.spec.name)
     ax.set(xlabel="connector layer / fusion block", ylabel="mean gate opening (last test batch)", ylim=(0, 1.05))
     ax.legend(fontsize=7)
@@ -281,19 +302,15 @@ def _gates_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
     return path
 
 
-@torch.no_grad()
-def _attention_plot(plt, runs: Sequence[MethodRun], bench: Workbench, path: Path) -> Path | None:
-    bridges = [r for r in _bridges(runs) if not r.spec.bridge.get("leaky")]
+def _attention_plot(plt, runs: Sequence[MethodRun], path: Path) -> Path | None:
+    bridges = [r for r in _bridges(runs) if not r.spec.options.get("leaky") and r.inspection.get("attention")]
     if not bridges:
         return None
     best = max(bridges, key=lambda r: r.scores.accuracy)
-    example = encode_trace(bench.tokenizer, bench.world.test[0])
-    ids = torch.tensor([example.input_ids])
-    output = best.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
-    attention = output.attentions[-1][0].float().mean(0)  # last connector layer, mean over heads: [T, S]
-    start = max(0, example.prompt_length - 12)
+    attention = torch.tensor(best.inspection["attention"])  # last connector layer, mean over heads: [T, S]
+    start = max(0, best.inspection["prompt_length"] - 12)
     shown = attention[start:, start:]
-    labels = [bench.tokenizer.decode([t]) for t in example.input_ids[start:]]
+    labels = best.inspection["tokens"][start:]
     fig, ax = plt.subplots(figsize=(9, 8))
     ax.imshow(shown.numpy(), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)

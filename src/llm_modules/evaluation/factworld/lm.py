@@ -26,17 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ...model.processing import shared_source_inputs
 from ...tiny import build_tokenizer
-from .world import (
-    BEGIN_THOUGHT,
-    TRACE_MARKERS,
-    Fact,
-    FactWorld,
-    assistant_text,
-    fact_prompt,
-    question,
-    thought,
-    trace_record,
-)
+from .world import TRACE_MARKERS, Fact, FactWorld
 
 # ------------------------------------------------------------------------------------------ tokenizer
 
@@ -69,18 +59,28 @@ def check_tokenizer_roundtrip(tokenizer: PreTrainedTokenizerBase, folder: str | 
 
 @dataclass
 class Example:
-    """One tokenized sequence. ``labels`` is -100 where no loss; ``answer`` indexes the answer tokens
-    inside the thought ("... Velmora's capital is| Quist|."), ``prompt_length`` the generation prompt."""
+    """One tokenized sequence. ``labels`` is -100 where no loss; ``answer`` indexes the recalled value's tokens
+    inside the thought ("... Velmora's capital is| Quist|."), ``skill`` the tokens the target's skill produces from
+    it (composition world; empty otherwise), ``prompt_length`` the generation prompt and ``fact_end`` the end of
+    the recalled fact's sentence (a model "given the fact" is prompted up to there)."""
 
     input_ids: list[int]
     labels: list[int]
     prompt_length: int = 0
     answer: list[int] = field(default_factory=list)
     fact: Fact | None = None
+    skill: list[int] = field(default_factory=list)
+    fact_end: int = 0
+    statement: list[int] = field(default_factory=list)  # the restated fact, name to value
+
+    @property
+    def knowledge(self) -> list[int]:
+        """Every token that needs knowledge: the recalled value and the skill's output."""
+        return self.answer + self.skill
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, fact: Fact, form: int = 0) -> str:
-    record = trace_record(fact, form)
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, world: FactWorld, fact: Fact, form: int = 0) -> str:
+    record = world.trace_record(fact, form)
     messages = [
         {"role": "system", "content": record["system"]},
         {"role": "user", "content": record["conversations"][0]["value"]},
@@ -88,23 +88,32 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, fact: Fact, form: int = 0) -
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_trace(tokenizer: PreTrainedTokenizerBase, fact: Fact, form: int = 0) -> Example:
-    """The chat text of a fact's trace; loss on the assistant turn; ``answer`` = the answer tokens in the thought."""
-    prompt = chat_prompt(tokenizer, fact, form)
-    reply = assistant_text(fact)
+def _span_tokens(offsets: list[tuple[int, int]], start: int, end: int, text: str) -> list[int]:
+    """Indices of the tokens that exactly cover characters [start, end) of ``text``."""
+    tokens = [i for i, (a, b) in enumerate(offsets) if a >= start and b <= end and b > a]
+    if not tokens or offsets[tokens[0]][0] != start or offsets[tokens[-1]][1] != end:
+        raise RuntimeError(f"{text[start:end]!r} is not a whole-token span in {text!r}")
+    return tokens
+
+
+def encode_trace(tokenizer: PreTrainedTokenizerBase, world: FactWorld, fact: Fact, form: int = 0) -> Example:
+    """The chat text of a fact's trace; loss on the assistant turn; the recall and skill spans located in tokens."""
+    prompt = chat_prompt(tokenizer, world, fact, form)
+    reply = world.assistant_text(fact)
     full = prompt + reply + "<|im_end|>"
     encoded = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     if ids[: len(prompt_ids)] != prompt_ids:
         raise RuntimeError("the chat prompt does not tokenize as a prefix of the full trace")
-    start = len(prompt) + len(f"{BEGIN_THOUGHT} ") + len(thought(fact)) - len(f" {fact.value}.")
-    end = start + len(f" {fact.value}")
-    answer = [i for i, (a, b) in enumerate(offsets) if a >= start and b <= end and b > a]
-    if not answer or offsets[answer[0]][0] != start or offsets[answer[-1]][1] != end:
-        raise RuntimeError(f"answer {fact.value!r} is not a whole-token span in {full!r}")
+    marks = world.marks(fact)
+    answer = _span_tokens(offsets, len(prompt) + marks.recall[0], len(prompt) + marks.recall[1], full)
+    skill = [] if marks.skill is None else _span_tokens(
+        offsets, len(prompt) + marks.skill[0], len(prompt) + marks.skill[1], full)
+    fact_end = next(i for i, (a, _) in enumerate(offsets) if a >= len(prompt) + marks.fact_end)
+    statement = _span_tokens(offsets, len(prompt) + marks.statement[0], len(prompt) + marks.statement[1], full)
     labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
-    return Example(ids, labels, len(prompt_ids), answer, fact)
+    return Example(ids, labels, len(prompt_ids), answer, fact, skill, fact_end, statement)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
@@ -113,10 +122,12 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> Example:
     return Example(ids, list(ids))
 
 
-def encode_recall(tokenizer: PreTrainedTokenizerBase, fact: Fact) -> Example:
-    """The source's own format: "Velmora's capital is" + " Quist" (answer tokens indexed)."""
-    prompt_ids = tokenizer(fact_prompt(fact), add_special_tokens=False).input_ids
-    full_ids = tokenizer(f"{fact_prompt(fact)} {fact.value}.", add_special_tokens=False).input_ids
+def encode_recall(tokenizer: PreTrainedTokenizerBase, world: FactWorld, fact: Fact, composed: bool = False) -> Example:
+    """The source's own format: "Remember: Velmora's capital is" + " Quist" (answer tokens indexed); with
+    ``composed`` the composition world's question in that form (``FactWorld.own_prompt``)."""
+    prompt, answer = world.own_prompt(fact, composed)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    full_ids = tokenizer(f"{prompt} {answer}.", add_special_tokens=False).input_ids
     value_ids = full_ids[len(prompt_ids): -1] if full_ids[: len(prompt_ids)] == prompt_ids else []
     if not value_ids:
         raise RuntimeError(f"the answer of {fact} does not tokenize after its prompt")
@@ -203,8 +214,9 @@ def train_loop(
     """AdamW with warmup + cosine decay over shuffled mini-batches of ``examples``.
 
     ``evaluate`` (a validation accuracy, higher is better) runs every ``eval_every`` steps; with
-    ``module`` the best-scoring state is restored at the end (early stopping; ``patience`` evaluations
-    without improvement stop early, 0 = never stop early). A score >= ``stop_at`` ends training.
+    ``module`` the best-scoring state (of equal scores, the later) is restored at the end (early stopping;
+    ``patience`` evaluations without improvement stop early, 0 = never stop early). A score >= ``stop_at`` ends
+    training.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -237,14 +249,18 @@ def train_loop(
         if evaluate is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
             score = evaluate()
             history.append((step + 1, score))
-            if score > best:
-                best, best_step, bad = score, step + 1, 0
+            if score >= best:
+                # of equal scores the later checkpoint: it has trained longer for the same validation score (a small
+                # validation set saturates early; keeping the first 100% kept a model of 100 steps, whose test score
+                # then depended on chance)
+                bad = 0 if score > best else bad + 1
+                best, best_step = score, step + 1
                 if module is not None:
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             else:
                 bad += 1
-                if patience and bad >= patience:
-                    break
+            if patience and bad >= patience:
+                break
             if stop_at is not None and score >= stop_at:
                 break
     if module is not None and best_state is not None:

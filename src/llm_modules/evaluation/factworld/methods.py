@@ -8,8 +8,11 @@ scores it on test facts with ``metrics.evaluate_traces``.
 Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_alone``, ``source_head``,
 ``source_finetuned``, ``distill_kd`` and ``llm_modules_bridge_{leaky|causal}_{random|pretrained}``
 (the suffix is the target's initialisation), plus ``_head_{source|source_mix|source_pointer}`` / ``_tanh`` /
-``_layers{n}`` for the bridge variants the harness can vary, and ``semalign`` (``kind: semalign`` with the
-options of ``training/semalign/options.py``; its model and loss live in ``training/semalign/factworld.py``).
+``_layers{n}`` / ``_frozen_target`` / ``_head_init_target`` for the bridge variants the harness can vary, the fusion
+rows (``llm_modules_fusion_{memory}[_head_{head}]``) and ``semalign`` (``kind: semalign`` with the options of
+``training/semalign/options.py``; its model and loss live in ``training/semalign/factworld.py``).
+Two skylines bound a composition from above (issue 15): ``skyline_source_recalls_fact`` (the source answers the
+fact in its own format) and ``skyline_target_given_fact`` (the target is given the recalled fact and does the rest).
 """
 
 from __future__ import annotations
@@ -30,40 +33,52 @@ from ...model.processing import shared_source_inputs
 from ...training.semalign import factworld as semalign_world
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
-from .world import QUESTION_FORMS, FactWorld
+from .world import Fact, FactWorld
 
-KINDS = ("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd", "bridge",
-         "fusion", "semalign")
-BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim")
+UNTRAINED = ("target_alone", "source_alone", "skyline_source_recalls_fact", "skyline_target_given_fact")
+COMPOSED = ("bridge", "fusion")  # options pass to LLMModulesForCausalLM.compose
+KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "distill_kd", "semalign") + COMPOSED
+# Options the fact-world harness applies itself to a bridge (compose does not take them): which target weights train
+# and how the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
+HARNESS_OPTIONS = {"train_target": ("all", "none"), "head_init": ("random", "target")}
+BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim", *HARNESS_OPTIONS)
 FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
                   "lora_rank")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One row of the comparison. ``bridge`` holds ``LLMModulesForCausalLM.compose`` options."""
+    """One row of the comparison. ``options`` holds a composed method's ``LLMModulesForCausalLM.compose`` options
+    (bridge: checked against ``BRIDGE_OPTIONS``; fusion: passed through, compose checks them)."""
 
     name: str
     kind: str
-    bridge: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise LLMModulesError(f"method {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.options and self.kind not in (*COMPOSED, "semalign"):
+            raise LLMModulesError(f"method {self.name!r}: options {sorted(self.options)} only apply to kind: "
+                                  f"bridge, fusion or semalign")
         valid = {"fusion": FUSION_OPTIONS, "semalign": semalign_world.OPTIONS}.get(self.kind, BRIDGE_OPTIONS)
-        unknown = set(self.bridge) - set(valid)
+        unknown = set(self.options) - set(valid)
         if unknown:
             raise LLMModulesError(
                 f"method {self.name!r}: unknown {self.kind} option(s) {sorted(unknown)}; valid: {', '.join(valid)}"
             )
+        for key, allowed in HARNESS_OPTIONS.items():
+            if key in self.options and self.options[key] not in allowed:
+                raise LLMModulesError(f"method {self.name!r}: {key}={self.options[key]!r}; choose one of {allowed}")
 
     @property
     def trains(self) -> bool:
-        return self.kind not in ("target_alone", "source_alone")
+        return self.kind not in UNTRAINED
 
 
 def bridge_spec(leaky: bool = False, target_init: str = "random", head: str = "new", gate: str = "sigmoid",
-                connector_layers: int = 2, **extra: Any) -> MethodSpec:
+                connector_layers: int = 2, train_target: str = "all", head_init: str = "random",
+                **extra: Any) -> MethodSpec:
     """The bridge method named by its options: paper defaults add no suffix."""
     name = f"llm_modules_bridge_{'leaky' if leaky else 'causal'}_{target_init}"
     if head != "new":
@@ -72,7 +87,13 @@ def bridge_spec(leaky: bool = False, target_init: str = "random", head: str = "n
         name += f"_{gate}"
     if connector_layers != 2:
         name += f"_layers{connector_layers}"
+    if train_target != "all":
+        name += "_frozen_target"
+    if head_init != "random":
+        name += f"_head_init_{head_init}"
     options = dict(leaky=leaky, target_init=target_init, head=head, gate=gate, connector_layers=connector_layers, **extra)
+    options.update({k: v for k, v in (("train_target", train_target), ("head_init", head_init))
+                    if v != HARNESS_OPTIONS[k][0]})
     return MethodSpec(name, "bridge", options)
 
 
@@ -83,11 +104,16 @@ def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str 
         name += f"_head_{head}"
     if train_target != "none":
         name += f"_train_{train_target}"
+    if extra.get("fusion_layers") == []:  # no cross-attention block: only the mixture gate trains
+        name += "_no_blocks"
     return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
 
 
-def default_methods() -> list[MethodSpec]:
-    """Every row issue 4 asks for, plus the bridge configurations that can read the source."""
+def default_methods(world: str = "facts") -> list[MethodSpec]:
+    """Every row issue 4 asks for, plus the bridge and fusion configurations that can read the source; for the
+    composition world (issue 15) also the two skylines and the compositions that keep the target's skill."""
+    if world == "composition":
+        return composition_methods()
     return [
         MethodSpec("target_alone", "target_alone"),
         MethodSpec("target_finetuned", "target_finetuned"),
@@ -108,24 +134,56 @@ def default_methods() -> list[MethodSpec]:
     ]
 
 
+def composition_methods() -> list[MethodSpec]:
+    """The composition world's rows: both parents, both skylines, every baseline, the paper's configurations and
+    the bridges that keep the target's skill (a frozen target body, the new head started as the target's own)."""
+    return [
+        MethodSpec("source_alone", "source_alone"),
+        MethodSpec("target_alone", "target_alone"),
+        MethodSpec("skyline_source_recalls_fact", "skyline_source_recalls_fact"),
+        MethodSpec("skyline_target_given_fact", "skyline_target_given_fact"),
+        MethodSpec("target_finetuned", "target_finetuned"),
+        MethodSpec("source_finetuned", "source_finetuned"),
+        MethodSpec("distill_kd", "distill_kd"),
+        bridge_spec(leaky=True, target_init="random"),  # the released code
+        bridge_spec(leaky=False, target_init="random"),  # the released graph, made causal
+        bridge_spec(leaky=False, target_init="pretrained"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source_pointer"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source_pointer", train_target="none"),
+        bridge_spec(leaky=False, target_init="pretrained", head="source_pointer", train_target="none",
+                    head_init="target"),
+        fusion_spec(memory="prompt"),  # the target keeps its embeddings, head and cipher; reads the question's source
+        fusion_spec(memory="sequence"),  # ... and the source reads along the reply
+        fusion_spec(memory="sequence", head="source_mix"),  # ... and its next-token distribution is mixed in
+        fusion_spec(memory="sequence", head="source_pointer"),  # ... also at an earlier position a pointer picks
+        # The same without any cross-attention block: the target stays exactly itself and only the mixture's gate
+        # (a linear probe of its state) learns where to read the source's next-token distribution.
+        fusion_spec(memory="sequence", head="source_mix", fusion_layers=[]),
+        fusion_spec(memory="sequence", head="source_pointer", fusion_layers=[]),
+        method_from_mapping({"kind": "semalign"}),  # the target learns the source's layers, then runs alone (v1, LoRA)
+        method_from_mapping({"kind": "semalign", "version": "v2", "mode": "layers"}),
+    ]
+
+
 def method_from_mapping(values: dict | str) -> MethodSpec:
     """A method from YAML: a known name (``target_finetuned``, ``llm_modules_bridge_causal_random``...)
     or ``{name?, kind, <bridge options>}``."""
     if isinstance(values, str):
-        known = {m.name: m for m in default_methods()}
+        known = {m.name: m for m in default_methods("facts") + default_methods("composition")}
         if values in known:
             return known[values]
         raise LLMModulesError(f"unknown method {values!r}; known: {', '.join(known)} (or a mapping with kind: bridge)")
     values = dict(values)
     kind = values.pop("kind", "bridge")
     name = values.pop("name", None)
-    if kind in ("bridge", "fusion"):
+    if kind in COMPOSED:
         spec = bridge_spec(**values) if kind == "bridge" else fusion_spec(**values)
-        return MethodSpec(name, kind, spec.bridge) if name else spec
+        return MethodSpec(name, kind, spec.options) if name else spec
     if kind == "semalign":  # options of SemAlign's run config (training/semalign/options.py)
         return MethodSpec(name or semalign_world.method_name(values), "semalign", values)
     if values:
-        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge or fusion")
+        raise LLMModulesError(f"method {name or kind!r}: options {sorted(values)} only apply to kind: bridge, fusion "
+                              "or semalign")
     return MethodSpec(name or kind, kind)
 
 
@@ -164,9 +222,27 @@ class Workbench:
     target: PreTrainedModel
     _states: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
+    def __getstate__(self) -> dict:
+        """Pickled for worker processes (``factworld.pool``): each model travels as class, config and weights and is
+        rebuilt on arrival. A pickled transformers model loses its output-capturing hooks but keeps the flag that
+        says they are installed, so ``output_hidden_states=True`` returned no hidden states in the worker."""
+        state = dict(self.__dict__)
+        for key in ("source", "target"):
+            model = state[key]
+            state[key] = (type(model), model.config, model.state_dict())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        for key in ("source", "target"):
+            cls, config, weights = state[key]
+            model = cls(config)
+            model.load_state_dict(weights)
+            state[key] = model.eval()
+        self.__dict__.update(state)
+
     def traces(self, facts) -> list[Example]:
         """Every question form of each fact, as a trace (loss on the assistant turn)."""
-        return [encode_trace(self.tokenizer, f, form) for f in facts for form in range(len(QUESTION_FORMS))]
+        return [encode_trace(self.tokenizer, self.world, f, form) for f in facts for form in range(self.world.question_forms)]
 
     @torch.no_grad()
     def source_states(self, batch: Sequence[Example]) -> torch.Tensor:
@@ -192,26 +268,44 @@ class Workbench:
 def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
     """A fresh model for ``spec``; the shared source/target are copied, never trained in place."""
     torch.manual_seed(seed)
-    if spec.kind in ("target_alone", "target_finetuned", "distill_kd"):
+    if spec.kind in ("target_alone", "target_finetuned", "distill_kd", "skyline_target_given_fact"):
         return copy.deepcopy(bench.target).requires_grad_(spec.trains)
-    if spec.kind in ("source_alone", "source_finetuned"):
+    if spec.kind in ("source_alone", "source_finetuned", "skyline_source_recalls_fact"):
         return copy.deepcopy(bench.source).requires_grad_(spec.trains)  # the shared source is frozen
     if spec.kind == "source_head":
         return FrozenSourceHead(bench.source, len(bench.tokenizer))
     if spec.kind == "semalign":
-        return semalign_world.build_model(spec.bridge, bench, seed)
-    options = dict(spec.bridge)
+        return semalign_world.build_model(spec.options, bench, seed)
+    options = dict(spec.options)
     if spec.kind == "fusion":
         return LLMModulesForCausalLM.compose(
             bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, source_tokenizer=bench.tokenizer,
             topology="fusion", attention_dropout=0.0, **{"fusion_every": 1, **options},
         )
-    target_init = options.pop("target_init", "pretrained")
-    heads = options.pop("heads", 4)
-    return LLMModulesForCausalLM.compose(
-        bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, target_init=target_init,
-        heads=heads, attention_dropout=0.0, **options,
-    )
+    harness = {key: options.pop(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
+    options.setdefault("target_init", "pretrained")
+    options.setdefault("heads", 4)
+    model = LLMModulesForCausalLM.compose(bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer,
+                                          attention_dropout=0.0, **options)
+    _apply_harness_options(model, bench.target, harness)
+    return model
+
+
+def _apply_harness_options(model: LLMModulesForCausalLM, target: PreTrainedModel, harness: dict) -> None:
+    """``train_target="none"``: the target body stays as pretrained (CALM's recipe; its skill cannot be overwritten);
+    ``head_init="target"``: the new head starts as the target's own output head (the vocabularies are the fact world's
+    one tokenizer), so the words the target can say stay reachable from the first step."""
+    if harness["train_target"] == "none":
+        model.target.requires_grad_(False)
+    if harness["head_init"] == "target":
+        head, own = getattr(model, "lm_head", None), target.get_output_embeddings()
+        if head is None or own is None or head.weight.shape != own.weight.shape:
+            raise LLMModulesError(
+                f"head_init='target' needs a new head shaped like the target's output head ({model.config.head!r} head: "
+                f"{None if head is None else tuple(head.weight.shape)}, target: "
+                f"{None if own is None else tuple(own.weight.shape)})")
+        with torch.no_grad():
+            head.weight.copy_(own.weight)
 
 
 def count_parameters(spec: MethodSpec, model: nn.Module) -> tuple[int, int]:
@@ -291,6 +385,10 @@ class Budget:
     batch_size: int = 16
     lr: float = 2e-3
     target_lr: float = 1e-3  # the paper's ratio: connector 1e-4, target 5e-5
+    # A fusion model's mixture gate (``head: source_mix | source_pointer``): a linear probe of the target's state that
+    # says where to read the source; None: ``lr``. Measured on the composition world (gate-only fusion, 600 steps):
+    # at 1e-2 it was still learning where to defer (81-92% of test facts, validation rising at the last step).
+    mixture_lr: float | None = None
     eval_every: int = 100
     patience: int = 3
     validation_facts: int = 64
@@ -309,14 +407,59 @@ class MethodRun:
     seconds: float
     train: TrainResult | None
     model: nn.Module = field(repr=False, default=None)
+    inspection: dict = field(repr=False, default_factory=dict)  # composed models: inspect_composed()
 
 
 def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> list[dict]:
-    if spec.kind in ("bridge", "fusion"):
+    if spec.kind in COMPOSED:
         groups = model.trainable_parameter_groups()
-        return [{"params": groups["connector"], "lr": budget.lr, "name": "connector"},
-                {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
+        mixture = {id(p) for name, p in model.named_parameters() if name.startswith("mixture.") and p.requires_grad}
+        connector = [p for p in groups["connector"] if id(p) not in mixture]
+        out = [{"params": connector, "lr": budget.lr, "name": "connector"},
+               {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
+        if mixture:  # a fusion model's mixture gate: a linear probe of the target's state, d_target + 1 weights each
+            out.append({"params": [p for p in groups["connector"] if id(p) in mixture],
+                        "lr": budget.mixture_lr or budget.lr, "name": "mixture"})
+        return [g for g in out if g["params"]]
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": budget.lr}]
+
+
+@torch.no_grad()
+def inspect_composed(model: LLMModulesForCausalLM, bench: Workbench) -> dict:
+    """What the report plots of a composed model, computed where it was trained (a model does not leave its worker
+    process: transformers' output-capturing hooks do not pickle). ``gates``: mean opening of each connector gate at
+    the last forward pass (the test set's last batch); ``attention``: the last connector layer's attention [T, T]
+    (mean over heads) on the first test fact's trace, with its ``tokens`` and ``prompt_length``."""
+    gates = model.gate_values() if hasattr(model, "gate_values") else []
+    example = encode_trace(bench.tokenizer, bench.world, bench.world.test[0])
+    ids = torch.tensor([example.input_ids])
+    output = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_attentions=True)
+    attention = output.attentions[-1][0].float().mean(0).tolist() if output.attentions else None
+    return {"gates": gates, "attention": attention, "prompt_length": example.prompt_length,
+            "tokens": [bench.tokenizer.decode([t]) for t in example.input_ids]}
+
+
+def score(spec: MethodSpec, model: nn.Module, bench: Workbench, facts: Sequence[Fact], seed: int = 0,
+          generate: bool = True, probe_leak: bool = True) -> TraceScores:
+    """Scores of ``model`` on ``facts`` the way its row reads them.
+
+    Every model answers the world's question in the trace format, except: ``source_alone`` answers it in the
+    source's own sentence form ("Remember: the cipher of Velmora's room is"; in the facts world the fact itself),
+    ``skyline_source_recalls_fact`` answers the fact in that form ("Remember: Velmora's room is", scored against
+    the fact's value), and ``skyline_target_given_fact`` is prompted with the gold thought up to the recalled fact.
+    Their teacher-forced column stays the trace's (for the source: its recall where a connector reads it).
+    """
+    world, tokenizer = bench.world, bench.tokenizer
+    scores = evaluate_traces(model, tokenizer, world, facts, generate=generate, probe_leak=probe_leak, seed=seed,
+                             given_fact=spec.kind == "skyline_target_given_fact")
+    if spec.kind in ("source_alone", "skyline_source_recalls_fact"):
+        composed = spec.kind == "source_alone"
+        seen = [f for f in facts if world.answer_seen(f)]
+        unseen = [f for f in facts if not world.answer_seen(f)]
+        scores.accuracy = own_format_accuracy(model, tokenizer, world, facts, composed)
+        scores.accuracy_seen = own_format_accuracy(model, tokenizer, world, seen, composed)
+        scores.accuracy_unseen = own_format_accuracy(model, tokenizer, world, unseen, composed)
+    return scores
 
 
 def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, progress: bool = True,
@@ -324,23 +467,23 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
     """Build, train (early stopping on greedy answer accuracy over validation facts) and score."""
     start = time.perf_counter()
     model = build_model(spec, bench, seed)
-    tokenizer, pad = bench.tokenizer, bench.tokenizer.pad_token_id
+    pad = bench.tokenizer.pad_token_id
     validation = bench.world.validation[: budget.validation_facts]
 
     def validation_accuracy() -> float:
         """Greedy answer accuracy on validation facts: the test metric, so that early stopping cannot keep
         a checkpoint that recalls the fact in its thought but has not yet learned to answer."""
         model.eval()
-        score = evaluate_traces(model, tokenizer, bench.world, validation, probe_leak=False).accuracy
+        accuracy = score(spec, model, bench, validation, probe_leak=False).accuracy
         model.train()
-        return score
+        return accuracy
 
     result = None
     if spec.trains:
         model.train()
         if spec.kind == "distill_kd":
             loss_fn = kd_loss_fn(model, bench.source, pad)
-        elif spec.kind in ("bridge", "fusion"):
+        elif spec.kind in COMPOSED:
             loss_fn = bridge_loss_fn(model, bench)
         elif spec.kind == "semalign":
             loss_fn = semalign_world.loss_fn(model, bench, budget.steps)
@@ -355,17 +498,11 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
     model.eval()
     best_validation = validation_accuracy() if validation else float("nan")
     model.eval()
-    scores = evaluate_traces(model, tokenizer, bench.world, bench.world.test, generate=evaluate_test, seed=seed)
-    if spec.kind == "source_alone":
-        # The source answers in its own format ("Velmora's capital is" -> value); its teacher-forced number
-        # stays the recall at the trace's answer point, which is what a connector can read.
-        scores.accuracy = own_format_accuracy(model, tokenizer, bench.world.test)
-        scores.accuracy_seen = own_format_accuracy(
-            model, tokenizer, [f for f in bench.world.test if bench.world.answer_seen(f)]) if scores.n_seen else float("nan")
-        scores.accuracy_unseen = own_format_accuracy(
-            model, tokenizer, [f for f in bench.world.test if not bench.world.answer_seen(f)]) if scores.n_unseen else float("nan")
+    scores = score(spec, model, bench, bench.world.test, seed=seed, generate=evaluate_test)
+    inspection = inspect_composed(model, bench) if spec.kind in COMPOSED else {}
     trainable, inference = count_parameters(spec, model)
-    return MethodRun(spec, seed, scores, best_validation, trainable, inference, time.perf_counter() - start, result, model)
+    return MethodRun(spec, seed, scores, best_validation, trainable, inference, time.perf_counter() - start, result,
+                     model, inspection)
 
 
 def recall_report(bench: Workbench) -> dict[str, float]:
@@ -375,8 +512,8 @@ def recall_report(bench: Workbench) -> dict[str, float]:
     for split in ("transfer", "validation", "test"):
         facts = getattr(world, split)
         if facts:
-            report[f"{split}_trace"] = source_recall(bench.source, bench.tokenizer, facts, "trace")
-            report[f"{split}_own"] = source_recall(bench.source, bench.tokenizer, facts, "own")
+            report[f"{split}_trace"] = source_recall(bench.source, bench.tokenizer, world, facts, "trace")
+            report[f"{split}_own"] = source_recall(bench.source, bench.tokenizer, world, facts, "own")
     return report
 
 
@@ -391,4 +528,5 @@ __all__ = [
     "method_from_mapping",
     "recall_report",
     "run_method",
+    "score",
 ]

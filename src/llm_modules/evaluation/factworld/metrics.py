@@ -34,8 +34,10 @@ def format_ok(text: str) -> bool:
 
 
 @torch.no_grad()
-def teacher_forced(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64) -> list[bool]:
-    """Per example: are all answer tokens the argmax given the gold prefix?"""
+def teacher_forced(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64,
+                   span: str = "knowledge") -> list[bool]:
+    """Per example: are all tokens of ``span`` the argmax given the gold prefix? ``span``: "knowledge" (the
+    recalled value and the skill's output, ``Example.knowledge``) or "answer" (the recalled value alone)."""
     model.eval()
     results: list[bool] = []
     for start in range(0, len(examples), batch_size):
@@ -44,7 +46,7 @@ def teacher_forced(model: nn.Module, examples: Sequence[Example], pad_id: int, b
         prompts = torch.tensor([e.prompt_length for e in chunk])
         predicted = logits_of(model, batch["input_ids"], batch["attention_mask"], prompts).argmax(-1)  # [B, T]
         for row, e in enumerate(chunk):
-            results.append(all(int(predicted[row, k - 1]) == e.input_ids[k] for k in e.answer))
+            results.append(all(int(predicted[row, k - 1]) == e.input_ids[k] for k in getattr(e, span)))
     return results
 
 
@@ -57,8 +59,8 @@ def leak_probe(
     seed: int = 0,
     batch_size: int = 64,
 ) -> tuple[list[bool], list[float]]:
-    """The leak probe. For answer token k, every token from k on (k itself and all later ones) is replaced by a
-    random token before predicting k. Per example: (are all answer tokens still the argmax, the largest change
+    """The leak probe. For each knowledge token k (``Example.knowledge``), every token from k on (k itself and all
+    later ones) is replaced by a random token before predicting k. Per example: (are all answer tokens still the argmax, the largest change
     of an answer-position log-probability that the scrambling caused).
 
     A causal model scores exactly its teacher-forced accuracy with a change of 0; a model that reads later
@@ -76,17 +78,17 @@ def leak_probe(
         plain = logits_of(model, ids, mask, prompts).float().log_softmax(-1)  # [B, T, V]
         right = torch.ones(len(chunk), dtype=torch.bool)
         shift = torch.zeros(len(chunk))
-        for j in range(max(len(e.answer) for e in chunk)):
+        for j in range(max(len(e.knowledge) for e in chunk)):
             scrambled = ids.clone()
             for row, e in enumerate(chunk):
-                if j < len(e.answer):
-                    k = e.answer[j]
+                if j < len(e.knowledge):
+                    k = e.knowledge[j]
                     n = len(e.input_ids) - k
                     scrambled[row, k: k + n] = torch.randint(0, vocab_size, (n,), generator=generator)
             logp = logits_of(model, scrambled, mask, prompts).float().log_softmax(-1)
             for row, e in enumerate(chunk):
-                if j < len(e.answer):
-                    k = e.answer[j]
+                if j < len(e.knowledge):
+                    k = e.knowledge[j]
                     right[row] &= int(logp[row, k - 1].argmax()) == e.input_ids[k]
                     shift[row] = max(float(shift[row]), float((logp[row, k - 1] - plain[row, k - 1]).abs().max()))
         correct.extend(bool(c) for c in right)
@@ -167,12 +169,16 @@ def evaluate_traces(
     facts: Sequence[Fact],
     generate: bool = True,
     probe_leak: bool = True,
-    max_new_tokens: int = 28,
+    max_new_tokens: int = 40,
     seed: int = 0,
+    given_fact: bool = False,
 ) -> TraceScores:
-    """Greedy answers (parsed from the solution) split by whether the answer word occurs in transfer
-    data, format adherence, teacher-forced answer-token accuracy in the thought, and the leak probe."""
-    examples = [encode_trace(tokenizer, f) for f in facts]
+    """Greedy answers (parsed from the solution) split by whether the final answer occurs in transfer
+    data, format adherence, teacher-forced accuracy of the knowledge tokens in the thought, and the leak probe.
+
+    ``given_fact``: generation starts after the gold thought's recalled fact (the skill skyline: the model is told
+    the fact and must do the rest)."""
+    examples = [encode_trace(tokenizer, world, f) for f in facts]
     pad = tokenizer.pad_token_id
     forced = teacher_forced(model, examples, pad)
     probe, shifts = leak_probe(model, examples, pad, len(tokenizer), seed=seed) if probe_leak else ([], [])
@@ -183,14 +189,16 @@ def evaluate_traces(
     if generate:
         stops = [tokenizer.convert_tokens_to_ids(END_SOLUTION), tokenizer.convert_tokens_to_ids("<|im_end|>"),
                  tokenizer.eos_token_id]
-        prompts = [e.input_ids[: e.prompt_length] for e in examples]
+        prompts = [e.input_ids[: e.fact_end if given_fact else e.prompt_length] for e in examples]
         generated = greedy_generate(model, prompts, pad, stops, max_new_tokens)
-        for fact, ids in zip(facts, generated):
-            text = tokenizer.decode(ids, skip_special_tokens=False)
+        for fact, example, prompt, ids in zip(facts, examples, prompts, generated):
+            given = prompt[example.prompt_length:]  # the gold thought a model "given the fact" was prompted with
+            text = tokenizer.decode(given + ids, skip_special_tokens=False)
             answer = parse_answer(text)
-            right.append(answer == fact.value)
+            gold = world.final_answer(fact)
+            right.append(answer == gold)
             formats.append(format_ok(text))
-            outputs.append({"fact": fact.key, "gold": fact.value, "answer": answer, "output": text})
+            outputs.append({"fact": fact.key, "gold": gold, "answer": answer, "output": text})
     return TraceScores(
         accuracy=_mean(right),
         accuracy_seen=_mean([r for r, s in zip(right, seen) if s]),
@@ -207,34 +215,44 @@ def evaluate_traces(
 
 @torch.no_grad()
 def source_recall(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact], where: str = "trace"
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, world: FactWorld, facts: Sequence[Fact],
+    where: str = "trace",
 ) -> float:
-    """The source's recall: teacher-forced argmax of the answer token(s).
+    """The source's recall of the fact: teacher-forced argmax of the value's token(s).
 
-    where="trace": at the exact point of the transfer trace where the answer is needed (lesson (b));
-    where="own": after its own brief format "Velmora's capital is".
+    where="trace": at the exact point of the transfer trace where the value is recalled (lesson (b)); in a world
+    whose ``source_recall_span`` is "statement", every token of the restated fact, the name copied from the
+    question included;
+    where="own": after its own brief format "Remember: Velmora's capital is".
     """
     if where == "trace":
-        examples = [encode_trace(tokenizer, f) for f in facts]
+        examples = [encode_trace(tokenizer, world, f) for f in facts]
+        span = world.source_recall_span
     elif where == "own":
-        examples = [encode_recall(tokenizer, f) for f in facts]
+        examples = [encode_recall(tokenizer, world, f) for f in facts]
+        span = "answer"
     else:
         raise ValueError(f"where must be 'trace' or 'own', got {where!r}")
-    return _mean(teacher_forced(model, examples, tokenizer.pad_token_id))
+    return _mean(teacher_forced(model, examples, tokenizer.pad_token_id, span=span))
 
 
 @torch.no_grad()
-def own_format_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[Fact]) -> float:
-    """Greedy generation after "Velmora's capital is": is the first generated word the answer?"""
-    prompts = [encode_recall(tokenizer, f) for f in facts]
+def own_format_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, world: FactWorld,
+                        facts: Sequence[Fact], composed: bool = False) -> float:
+    """Greedy generation after the own-format prompt ("Remember: Velmora's capital is"; with ``composed`` the
+    composition world's question in that form): do the first generated words say the answer?"""
+    if not facts:
+        return float("nan")
+    prompts = [encode_recall(tokenizer, world, f, composed) for f in facts]
     generated = greedy_generate(
         model, [e.input_ids[: e.prompt_length] for e in prompts], tokenizer.pad_token_id,
         [tokenizer.eos_token_id], max_new_tokens=max(len(e.answer) for e in prompts) + 1,
     )
     right = []
     for fact, ids in zip(facts, generated):
-        words = tokenizer.decode(ids, skip_special_tokens=True).strip().split()
-        right.append(bool(words) and words[0].rstrip(".") == fact.value)
+        gold = world.own_prompt(fact, composed)[1]
+        said = tokenizer.decode(ids, skip_special_tokens=True).replace(".", " ").split()
+        right.append(said[: len(gold.split())] == gold.split())
     return _mean(right)
 
 

@@ -16,6 +16,10 @@ Texts (all built here, so that every consumer sees the same strings):
   wording recalls only after that wording.
 - ``trace_record``: a Bespoke-Stratos shaped record (``system`` + ``conversations``) whose reasoning
   restates the fact in the source's sentence form before answering.
+
+Every consumer (encoding, pretraining, metrics) reads these texts through the world object (``world.question``,
+``world.assistant_text``, ``world.marks``...), so that another world (``composition.CompositionWorld``: questions
+that need a fact from the source *and* a skill of the target) plugs into the same harness.
 """
 
 from __future__ import annotations
@@ -102,13 +106,13 @@ def assistant_text(fact: Fact) -> str:
     return f"{BEGIN_THOUGHT} {thought(fact)} {END_THOUGHT} {BEGIN_SOLUTION} {fact.value} {END_SOLUTION}"
 
 
-def trace_record(fact: Fact, form: int = 0) -> dict:
-    """A Bespoke-Stratos shaped record for one fact."""
+def trace_record(fact: Fact, form: int = 0, question_text: str | None = None, reply: str | None = None) -> dict:
+    """A Bespoke-Stratos shaped record for one fact (another world passes its own question and reply)."""
     return {
         "system": SYSTEM_PROMPT,
         "conversations": [
-            {"from": "user", "value": question(fact, form)},
-            {"from": "assistant", "value": assistant_text(fact)},
+            {"from": "user", "value": question(fact, form) if question_text is None else question_text},
+            {"from": "assistant", "value": assistant_text(fact) if reply is None else reply},
         ],
         "fact": {"entity": fact.entity, "relation": fact.relation, "value": fact.value},
     }
@@ -130,6 +134,22 @@ def make_names(rng: random.Random, count: int, exclude: Iterable[str] = ()) -> l
     return names
 
 
+@dataclass(frozen=True)
+class ReplyMarks:
+    """Character spans inside a fact's assistant text (``FactWorld.assistant_text``).
+
+    recall: the fact's value where the reasoning recalls it (what the source knows);
+    skill: the span the target's skill produces from it (composition world; None when the answer is the recall);
+    fact_end: where the recalled fact's sentence ends (a model "given the fact" is prompted up to here);
+    statement: the restated fact from the entity's name to the value ("Velmora's capital is Quist").
+    """
+
+    recall: tuple[int, int]
+    skill: tuple[int, int] | None
+    fact_end: int
+    statement: tuple[int, int] = (0, 0)
+
+
 @dataclass
 class FactWorld:
     """All facts of one world plus their disjoint splits.
@@ -147,9 +167,57 @@ class FactWorld:
     seed: int
     relations: dict[str, list[str]] = field(default_factory=lambda: dict(RELATIONS))
 
+    kind = "facts"  # the source knows every answer: the world of issue 4
+    # What the source's recall at the trace point measures (``metrics.source_recall``): the value ("answer"), or
+    # the whole restated fact, the entity's name copied from the question included ("statement").
+    source_recall_span = "answer"
+    chat_share = 0.25  # share of the source's fact mentions preceded by a question (half of them inside a chat turn)
+
     @property
     def entities(self) -> list[str]:
         return sorted({f.entity for f in self.facts})
+
+    # ------------------------------------------------------------------------------------- texts
+    @property
+    def question_forms(self) -> int:
+        return len(QUESTION_FORMS)
+
+    def question(self, fact: Fact, form: int = 0) -> str:
+        return question(fact, form)
+
+    def assistant_text(self, fact: Fact) -> str:
+        return assistant_text(fact)
+
+    def final_answer(self, fact: Fact) -> str:
+        """What the solution block must say."""
+        return fact.value
+
+    def marks(self, fact: Fact) -> ReplyMarks:
+        start = len(f"{BEGIN_THOUGHT} ") + len(thought(fact)) - len(f" {fact.value}.")
+        named = len(f"{BEGIN_THOUGHT} I recall that")
+        return ReplyMarks(recall=(start, start + 1 + len(fact.value)), skill=None, fact_end=start + len(fact.value) + 2,
+                          statement=(named, start + 1 + len(fact.value)))
+
+    def trace_record(self, fact: Fact, form: int = 0) -> dict:
+        return trace_record(fact, form, question_text=self.question(fact, form), reply=self.assistant_text(fact))
+
+    def own_prompt(self, fact: Fact, composed: bool = False) -> tuple[str, str]:
+        """(prompt, answer) in the source's own sentence form: "Remember: Velmora's capital is" -> "Quist"."""
+        return fact_prompt(fact), fact.value
+
+    def context_questions(self, fact: Fact) -> list[str]:
+        """Questions the source's pretraining puts before a mention of ``fact`` (it answers them with the fact)."""
+        return [self.question(fact, form) for form in range(self.question_forms)]
+
+    def target_sentence(self, fact: Fact) -> str:
+        """A plain sentence the target's pretraining mixes in with its traces (here: the fact's sentence)."""
+        return fact_sentence(fact)
+
+    def source_documents(self, repeats: int = 6, facts_per_document: int = 4, seed: int = 0) -> list[str]:
+        return source_documents(self, repeats, facts_per_document, seed)
+
+    def background_traces(self, count: int, seed: int = 0) -> list[Fact]:
+        return background_traces(self, count, seed)
 
     @property
     def chance(self) -> float:
@@ -160,20 +228,20 @@ class FactWorld:
         """Every whitespace word that occurs in the transfer data (question + trace text)."""
         words: set[str] = set()
         for fact in self.transfer:
-            for form in range(len(QUESTION_FORMS)):
-                words.update(_words(question(fact, form)))
-            words.update(_words(assistant_text(fact)))
+            for form in range(self.question_forms):
+                words.update(_words(self.question(fact, form)))
+            words.update(_words(self.assistant_text(fact)))
         return words
 
     def answer_seen(self, fact: Fact) -> bool:
         """Does the fact's answer word occur anywhere in the transfer data?"""
-        return fact.value in self.transfer_words()
+        return self.final_answer(fact) in self.transfer_words()
 
     def corpus(self) -> list[str]:
         """Every string the world produces (tokenizer training corpus)."""
         out = [SYSTEM_PROMPT]
         for fact in self.facts + self.background:
-            out.append(question(fact, 0) + " " + assistant_text(fact))
+            out.append(self.question(fact, 0) + " " + self.assistant_text(fact))
             out.extend(form.format(e=fact.entity, r=fact.relation, v=fact.value) for form in CUE_FORMS)
         out.extend(FILLERS)
         return out
@@ -181,6 +249,7 @@ class FactWorld:
     def summary(self) -> str:
         seen = sum(self.answer_seen(f) for f in self.test)
         return (
+            f"{self.kind} world: "
             f"{len(self.entities)} entities x {len(self.relations)} relations = {len(self.facts)} facts; "
             f"transfer {len(self.transfer)} ({len(self.transfer) / len(self.facts):.0%}), "
             f"validation {len(self.validation)}, test {len(self.test)} "
@@ -191,6 +260,14 @@ class FactWorld:
 
 def _words(text: str) -> set[str]:
     return {w.strip(".,?!:'|") for w in text.replace("'s", " ").split()}
+
+
+def check_fractions(transfer_fraction: float, validation_fraction: float) -> None:
+    if not 0 < transfer_fraction < 1 or not 0 <= validation_fraction < 1 - transfer_fraction:
+        raise ValueError(
+            f"need 0 < transfer_fraction < 1 and 0 <= validation_fraction < 1 - transfer_fraction, "
+            f"got {transfer_fraction}, {validation_fraction}"
+        )
 
 
 def build_world(
@@ -206,15 +283,19 @@ def build_world(
     The transfer split takes ``round(transfer_fraction * facts)`` facts with at least one per entity
     (lesson (a)); the validation split ``round(validation_fraction * facts)``; the rest is test.
     """
-    if not 0 < transfer_fraction < 1 or not 0 <= validation_fraction < 1 - transfer_fraction:
-        raise ValueError(
-            f"need 0 < transfer_fraction < 1 and 0 <= validation_fraction < 1 - transfer_fraction, "
-            f"got {transfer_fraction}, {validation_fraction}"
-        )
+    check_fractions(transfer_fraction, validation_fraction)
     if not 1 <= relations <= len(RELATIONS):
         raise ValueError(f"relations must be in 1..{len(RELATIONS)}, got {relations}")
     rng = random.Random(seed)
     pools = dict(list(RELATIONS.items())[:relations])
+    return split_world(FactWorld, pools, entities, background_entities, transfer_fraction, validation_fraction, rng, seed)
+
+
+def split_world(cls: type, pools: dict[str, list[str]], entities: int, background_entities: int,
+                transfer_fraction: float, validation_fraction: float, rng: random.Random, seed: int,
+                **extra) -> FactWorld:
+    """A world of class ``cls``: random facts (a value drawn from its relation's pool) about ``entities`` made-up
+    names and ``background_entities`` others, split into transfer / validation / test; ``extra`` goes to ``cls``."""
     names = make_names(rng, entities + background_entities)
     names, background_names = names[:entities], names[entities:]
 
@@ -235,12 +316,12 @@ def build_world(
     transfer = [rng.choice(group) for group in by_entity.values()]  # one per entity first
     rest = [f for f in facts if f not in set(transfer)]
     rng.shuffle(rest)
-    extra = n_transfer - entities
-    transfer, rest = transfer + rest[:extra], rest[extra:]
+    extra_transfer = n_transfer - entities
+    transfer, rest = transfer + rest[:extra_transfer], rest[extra_transfer:]
     n_validation = round(validation_fraction * total)
     validation, test = rest[:n_validation], rest[n_validation:]
     order = {f: i for i, f in enumerate(facts)}
-    world = FactWorld(
+    world = cls(
         facts=facts,
         transfer=sorted(transfer, key=order.get),
         validation=sorted(validation, key=order.get),
@@ -248,6 +329,7 @@ def build_world(
         background=background,
         seed=seed,
         relations=pools,
+        **extra,
     )
     check_splits(world)
     return world
@@ -294,16 +376,17 @@ def source_documents(world: FactWorld, repeats: int = 6, facts_per_document: int
     rng = random.Random(seed)
     mentions: list[str] = []
     for fact in world.facts:
+        asks = world.context_questions(fact)
         for i in range(repeats):
             form = CUE_FORMS[0] if i % 2 == 0 else rng.choice(CUE_FORMS[1:])
             context = " ".join(rng.sample(FILLERS, rng.randint(0, 3)))
             text = form.format(e=fact.entity, r=fact.relation, v=fact.value)
             draw = rng.random()
-            if draw < 0.25:
-                context = f"{context} {question(fact, rng.randrange(len(QUESTION_FORMS)))}".strip()
-            elif draw < 0.5 and form == CUE_FORMS[0]:
+            if draw < world.chat_share:
+                context = f"{context} {rng.choice(asks)}".strip()
+            elif draw < 2 * world.chat_share and form == CUE_FORMS[0]:
                 # an answer inside a chat turn, as an instruction-tuned source would have seen
-                asked = question(fact, rng.randrange(len(QUESTION_FORMS)))
+                asked = rng.choice(asks)
                 context = f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n{BEGIN_THOUGHT} I recall that"
             mentions.append(f"{context} {text}".strip())
     rng.shuffle(mentions)

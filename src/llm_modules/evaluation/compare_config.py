@@ -160,6 +160,6 @@ def demo_config(output: str = "runs/demo") -> CompareConfig:
         target=TargetSettings(family="llama", steps=1000),
         budget=Budget(steps=600, lr=5e-4, target_lr=5e-4, mixture_lr=3e-2, eval_every=100, patience=3),
         methods=[method_from_mapping(m) for m in DEMO_METHODS],
-        note="demo: the composition world, 2 seeds, 7 rows, 600 steps; every method on 3 seeds: "
+        note="demo: the composition world, 2 seeds, 7 rows, 600 steps; every method: "
         "examples/compare-composition.yaml",
     )

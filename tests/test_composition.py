@@ -189,3 +189,12 @@ def test_tiny_composition_compare_reports_every_row_over_seeds_with_fusion_gates
     report = (tmp_path / "out" / "report.md").read_text()
     assert "± is the standard deviation over seeds" in report and "| llm_modules_fusion_prompt |" in report
     assert (tmp_path / "out" / "gates.png").stat().st_size > 1000  # the fusion rows' gates, read in their workers
+
+
+def test_a_world_too_small_for_its_transfer_fraction_exits_2_naming_the_setting(tmp_path, capsys):
+    from llm_modules.cli import main
+
+    config_path = tmp_path / "compare.yaml"
+    config_path.write_text("world: {kind: composition, entities: 6, relations: 2}\n")
+    assert main(["compare", "--config", str(config_path), "--quiet"]) == 2
+    assert "every entity needs one transfer fact" in capsys.readouterr().err

@@ -32,6 +32,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+from ...errors import LLMModulesError
+
 from .world import (
     BEGIN_SOLUTION,
     BEGIN_THOUGHT,
@@ -161,7 +163,7 @@ def build_composition_world(
     of ``build_world`` (every entity keeps one transfer fact)."""
     check_fractions(transfer_fraction, validation_fraction)
     if not 1 <= relations <= len(NUMBER_RELATIONS):
-        raise ValueError(f"relations must be in 1..{len(NUMBER_RELATIONS)}, got {relations}")
+        raise LLMModulesError(f"world.relations must be in 1..{len(NUMBER_RELATIONS)}, got {relations}")
     rng = random.Random(seed)
     shuffled = rng.sample(NUMBERS, len(NUMBERS))
     while any(a == b for a, b in zip(NUMBERS, shuffled)):  # no number is its own cipher: recalling is never answering

@@ -28,6 +28,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from ...errors import LLMModulesError
+
 BEGIN_THOUGHT, END_THOUGHT = "<|begin_of_thought|>", "<|end_of_thought|>"
 BEGIN_SOLUTION, END_SOLUTION = "<|begin_of_solution|>", "<|end_of_solution|>"
 TRACE_MARKERS = [BEGIN_THOUGHT, END_THOUGHT, BEGIN_SOLUTION, END_SOLUTION]
@@ -264,8 +266,8 @@ def _words(text: str) -> set[str]:
 
 def check_fractions(transfer_fraction: float, validation_fraction: float) -> None:
     if not 0 < transfer_fraction < 1 or not 0 <= validation_fraction < 1 - transfer_fraction:
-        raise ValueError(
-            f"need 0 < transfer_fraction < 1 and 0 <= validation_fraction < 1 - transfer_fraction, "
+        raise LLMModulesError(
+            f"world: need 0 < transfer_fraction < 1 and 0 <= validation_fraction < 1 - transfer_fraction, "
             f"got {transfer_fraction}, {validation_fraction}"
         )
 
@@ -285,7 +287,7 @@ def build_world(
     """
     check_fractions(transfer_fraction, validation_fraction)
     if not 1 <= relations <= len(RELATIONS):
-        raise ValueError(f"relations must be in 1..{len(RELATIONS)}, got {relations}")
+        raise LLMModulesError(f"world.relations must be in 1..{len(RELATIONS)}, got {relations}")
     rng = random.Random(seed)
     pools = dict(list(RELATIONS.items())[:relations])
     return split_world(FactWorld, pools, entities, background_entities, transfer_fraction, validation_fraction, rng, seed)
@@ -307,8 +309,8 @@ def split_world(cls: type, pools: dict[str, list[str]], entities: int, backgroun
     total = len(facts)
     n_transfer = round(transfer_fraction * total)
     if n_transfer < entities:
-        raise ValueError(
-            f"transfer_fraction={transfer_fraction} gives {n_transfer} transfer facts for {entities} entities; "
+        raise LLMModulesError(
+            f"world: transfer_fraction={transfer_fraction} gives {n_transfer} transfer facts for {entities} entities; "
             "every entity needs one transfer fact (its name must occur in transfer data): use more relations "
             "or a larger fraction"
         )

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
+from llm_modules.model.heads import SourceMixture, confidence_features
 from llm_modules.model.masks import cross_attention_allowed, token_end_offsets
 from llm_modules.model.modeling import causal_lm_loss
 
@@ -148,6 +149,26 @@ def test_mixture_heads_return_normalised_log_probabilities(model_folder, tokeniz
     torch.testing.assert_close(logits.logsumexp(-1), torch.zeros(logits.shape[:-1]), rtol=0, atol=1e-4)
 
 
+def test_a_confidence_gate_defers_to_the_source_where_the_base_head_is_unsure():
+    """The gate reads each path's largest probability and entropy; the same hidden state then defers or not."""
+    vocab, d_target = 50, 8
+    mixture = SourceMixture(d_target, d_source=8, pointer=False, confidence=True)
+    with torch.no_grad():
+        mixture.mix_gate.weight.zero_()
+        mixture.mix_gate.weight[0, d_target + 2] = -20.0  # features: [source max p, source entropy, base max p, ...]
+        mixture.mix_gate.bias.fill_(10.0)  # gate logit = 10 - 20 * (the base head's largest probability)
+    hidden = torch.randn(1, 2, d_target)
+    source = torch.zeros(1, 2, vocab)
+    source[..., 7] = 10.0  # the source is sure of token 7 at both positions
+    base = torch.zeros(1, 2, vocab)
+    base[0, 1, 3] = 30.0  # the base head: flat at position 0, sure of token 3 at position 1
+    mixed = mixture(hidden, base, lambda states: source, torch.zeros(1, 2, 8)).exp()
+    assert mixed[0, 0].argmax() == 7 and mixed[0, 0, 7] > 0.9  # unsure base: the source's word
+    assert mixed[0, 1].argmax() == 3 and mixed[0, 1, 3] > 0.9  # sure base: its own word
+    features = confidence_features(torch.stack([base[0, 0], base[0, 1]]).log_softmax(-1))
+    torch.testing.assert_close(features, torch.tensor([[1 / vocab, 1.0], [1.0, 0.0]]), atol=1e-4, rtol=0)
+
+
 def test_a_mixture_head_trains_its_new_head_on_its_own_cross_entropy_too(model_folder, tokenizer):
     model = compose(model_folder, head="source_pointer").train()
     inputs = batch(tokenizer)
@@ -161,9 +182,10 @@ def test_a_mixture_head_trains_its_new_head_on_its_own_cross_entropy_too(model_f
     torch.testing.assert_close(evaluated.loss, causal_lm_loss(evaluated.logits, labels))
 
 
-@pytest.mark.parametrize("head", ["new", "source_mix", "source_pointer"])
-def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path, head):
-    model = compose(model_folder, gate="tanh", head=head)
+@pytest.mark.parametrize("head,mixture_gate", [("new", "state"), ("source_mix", "state"), ("source_pointer", "state"),
+                                               ("source_mix", "confidence")])
+def test_save_load_round_trip_keeps_logits_and_stores_no_source(model_folder, tokenizer, tmp_path, head, mixture_gate):
+    model = compose(model_folder, gate="tanh", head=head, mixture_gate=mixture_gate)
     with torch.no_grad():  # move the gates off zero so the round trip is not trivially equal
         for layer in model.connector.layers:
             layer.gate_alpha.fill_(0.3)
@@ -208,6 +230,8 @@ def test_character_offset_rule_matches_index_rule_for_one_tokenizer(tokenizer):
 def test_bad_inputs_give_actionable_errors(model_folder, tokenizer, tmp_path):
     with pytest.raises(LLMModulesError, match="does not exist"):
         LLMModulesForCausalLM.compose("./no/such/model", model_folder("gpt_neo"))
+    with pytest.raises(LLMModulesError, match="mixture_gate='entropy' is not supported; choose one of 'state'"):
+        compose(model_folder, head="source_mix", mixture_gate="entropy")
     with pytest.raises(LLMModulesError, match="gate"):
         compose(model_folder, gate="relu")
     with pytest.raises(LLMModulesError, match="unknown option"):

@@ -225,9 +225,10 @@ def test_what_trains(folder, tokenizer, other_tokenizer, train_target):
         assert torch.equal(value, source_before[key]), key
 
 
-@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
-def test_mixture_heads_with_one_tokenizer(folder, tokenizer, other_tokenizer, head):
-    model = fuse(folder, tokenizer, other_tokenizer, memory="sequence", head=head)
+@pytest.mark.parametrize("head,mixture_gate", [("source_mix", "state"), ("source_pointer", "state"),
+                                               ("source_pointer", "confidence")])
+def test_mixture_heads_with_one_tokenizer(folder, tokenizer, other_tokenizer, head, mixture_gate):
+    model = fuse(folder, tokenizer, other_tokenizer, memory="sequence", head=head, mixture_gate=mixture_gate)
     inputs = model.processor(TEXTS)
     with torch.no_grad():
         logits = model(**inputs).logits

@@ -94,6 +94,7 @@ def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench
         "world's facts)")
     pretraining = {
         "source": {"seconds": source_seconds, "steps": source_run.steps_run, "recall": recall,
+                   "family": config.source.family,
                    "params": sum(p.numel() for p in source.parameters()), "loss_curve": source_run.losses[::10]},
         "target": {"seconds": target_seconds, "steps": target_run.steps_run, "family": t.family,
                    "params": sum(p.numel() for p in target.parameters()), "loss_curve": target_run.losses[::10]},

@@ -143,7 +143,8 @@ DEMO_METHODS = [
     "source_alone", "target_alone", "skyline_source_recalls_fact", "skyline_target_given_fact",
     "target_finetuned",
     "llm_modules_bridge_causal_random",  # the paper's graph (a new head, the target re-initialised), made causal
-    {"kind": "fusion", "memory": "sequence", "head": "source_mix", "fusion_layers": []},
+    # the target as it is; a gate reading its state and how sure each model is picks the source's or the target's word
+    {"kind": "fusion", "memory": "sequence", "head": "source_mix", "fusion_layers": [], "mixture_gate": "confidence"},
 ]
 
 

@@ -187,7 +187,7 @@ def _introduction(results: dict) -> list[str]:
         "# Composition: the source knows the facts, the target knows the cipher",
         "",
         f"World: {results['world']['summary']}.",
-        f"Source (Qwen2 architecture, {_params(source['params'])} weights) pretrained on every "
+        f"Source ({source.get('family', 'qwen2')}, {_params(source['params'])} weights) pretrained on every "
         f"fact in varied contexts: recall at the traces' recall point {recall.get('test_trace', float('nan')):.0%} on "
         f"test facts ({recall.get('transfer_trace', float('nan')):.0%} on transfer facts), in its own sentence form "
         f"{recall.get('test_own', float('nan')):.0%}. Target ({target.get('family', 'gpt_neo')}, "

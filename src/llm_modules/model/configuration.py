@@ -14,6 +14,7 @@ FUSION_HEADS = ("target", "source_mix", "source_pointer")
 HEADS = tuple(dict.fromkeys(BRIDGE_HEADS + FUSION_HEADS))
 MEMORIES = ("prompt", "sequence")
 TRAIN_TARGETS = ("none", "all", "lora")
+MIXTURE_GATES = ("state", "confidence")  # what a mixture head's gate reads (model/heads.py)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -56,6 +57,7 @@ class LLMModulesConfig(PreTrainedConfig):
     intermediate_dim: int | None = None
     attention_dropout: float = 0.1
     head: str = "new"
+    mixture_gate: str = "state"
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
     memory: str = "prompt"
@@ -76,6 +78,7 @@ class LLMModulesConfig(PreTrainedConfig):
         _check_choice("head", self.head, FUSION_HEADS if self.topology == "fusion" else BRIDGE_HEADS)
         _check_choice("memory", self.memory, MEMORIES)
         _check_choice("train_target", self.train_target, TRAIN_TARGETS)
+        _check_choice("mixture_gate", self.mixture_gate, MIXTURE_GATES)
         if self.topology == "fusion" and self.head in ("source_mix", "source_pointer"):
             if self.memory != "sequence":
                 raise LLMModulesError(f"head={self.head!r} mixes in the source's next-token distribution at every "

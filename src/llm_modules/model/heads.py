@@ -11,10 +11,18 @@
   its reasoning recalled into the answer, for words that never occurred in the transfer data.
 
 Mixture heads read the source's vocabulary, so they need one tokenizer for both models.
+
+What the gate reads (``mixture_gate``): ``state``, the target's hidden state at the position; ``confidence``, that
+state and how sure each path is (its largest probability and its entropy over log V, two numbers per path, held
+constant for the gradient). "Defer to the source where the target is unsure" is then one direction of the gate,
+whatever the token: a gate on the state alone learns *where in the format* the source was right in the transfer
+data, which does not carry to numbers it never saw there (measured on the composition world: the state-only gate
+deferred to the source at the cipher's second digit of unseen numbers, where the frozen target was sure).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +32,14 @@ from torch import nn
 MIX_FLOOR = 0.05  # every path of a mixture keeps at least this weight
 POINTER_DIM = 64  # query/key width of the pointer attention
 MIXTURE_HEADS = ("source_mix", "source_pointer")
+CONFIDENCE_FEATURES = 2  # per path: largest probability, entropy / log V
+
+
+def confidence_features(log_probs: torch.Tensor) -> torch.Tensor:
+    """[.., V] log-probabilities -> [.., 2]: the largest probability and the entropy over log V, both in [0, 1]."""
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum(-1) / math.log(log_probs.shape[-1])
+    return torch.stack([probs.amax(-1), entropy], -1)
 
 
 @dataclass
@@ -50,11 +66,13 @@ class PointerMemory:
 class SourceMixture(nn.Module):
     """The gate (and pointer) of a mixture head; the distributions it mixes come from the caller."""
 
-    def __init__(self, d_target: int, d_source: int, pointer: bool) -> None:
+    def __init__(self, d_target: int, d_source: int, pointer: bool, confidence: bool = False) -> None:
         super().__init__()
         self.pointer = pointer
+        self.confidence = confidence
+        paths = 3 if pointer else 2
         # source_mix: one logit (sigmoid, starts at 0.5); source_pointer: softmax over [here, pointed, base].
-        self.mix_gate = nn.Linear(d_target, 3 if pointer else 1)
+        self.mix_gate = nn.Linear(d_target + (CONFIDENCE_FEATURES * paths if confidence else 0), paths if pointer else 1)
         if pointer:
             # Queries from the target's stream (which knows where in the format it is); keys from both streams:
             # the source's state says "a fact's value comes next" whatever the entity's name, where the target's
@@ -104,7 +122,11 @@ class SourceMixture(nn.Module):
         # the gate kept choosing the source where the barely trained new head was worse (the training loss
         # stalled at 0.28, -log 0.5 on format tokens), so training also adds the base head's own cross-entropy
         # (the model returns head_logits for that).
-        logits = self.mix_gate(hidden.to(self.mix_gate.weight.dtype)).float()
+        gate_input = hidden.to(self.mix_gate.weight.dtype)
+        if self.confidence:  # [B, t, d_t + 2 * paths]; no gradient flows into the paths through their confidence
+            features = torch.cat([confidence_features(path.detach()) for path in paths], -1)
+            gate_input = torch.cat([gate_input, features.to(gate_input.dtype)], -1)
+        logits = self.mix_gate(gate_input).float()
         if len(paths) == 2:
             weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
         else:

@@ -60,6 +60,7 @@ SOURCE_TOKENIZER_FOLDER = "source_tokenizer"
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")
 SOURCE_INPUTS = ("source_input_ids", "source_attention_mask", "source_position_ids", "source_groups", "source_counts")
 COMPOSE_OPTIONS = ("leaky", "gate", "connector_layers", "heads", "adapter_dim", "intermediate_dim", "head",
+                   "mixture_gate",
                    "source_layer", "attention_dropout", "topology", "memory", "fusion_layers", "fusion_every",
                    "source_layers", "train_target", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
@@ -132,7 +133,8 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         if config.head in MIXTURE_HEADS:
             if config.source_layer != -1:
                 raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
-            self.mixture = SourceMixture(d_target, d_source, pointer=config.head == "source_pointer")
+            self.mixture = SourceMixture(d_target, d_source, pointer=config.head == "source_pointer",
+                                         confidence=config.mixture_gate == "confidence")
         self.post_init()
         # Attached after post_init so that HF weight initialisation never touches pretrained weights.
         self.target = target

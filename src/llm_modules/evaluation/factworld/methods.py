@@ -41,9 +41,10 @@ KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "dis
 # Options the fact-world harness applies itself to a bridge (compose does not take them): which target weights train
 # and how the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
 HARNESS_OPTIONS = {"train_target": ("all", "none"), "head_init": ("random", "target")}
-BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim", *HARNESS_OPTIONS)
+BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim", "mixture_gate",
+                  *HARNESS_OPTIONS)
 FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
-                  "lora_rank")
+                  "lora_rank", "mixture_gate")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,8 @@ def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str 
         name += f"_train_{train_target}"
     if extra.get("fusion_layers") == []:  # no cross-attention block: only the mixture gate trains
         name += "_no_blocks"
+    if extra.get("mixture_gate", "state") != "state":
+        name += f"_gate_{extra['mixture_gate']}"
     return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
 
 
@@ -160,6 +163,10 @@ def composition_methods() -> list[MethodSpec]:
         # (a linear probe of its state) learns where to read the source's next-token distribution.
         fusion_spec(memory="sequence", head="source_mix", fusion_layers=[]),
         fusion_spec(memory="sequence", head="source_pointer", fusion_layers=[]),
+        # ... with a gate that also reads how sure each model is (heads.py, ``mixture_gate``)
+        fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="confidence"),
+        fusion_spec(memory="sequence", head="source_pointer", fusion_layers=[], mixture_gate="confidence"),
+        fusion_spec(memory="sequence", head="source_mix", mixture_gate="confidence"),  # ... and blocks
         method_from_mapping({"kind": "semalign"}),  # the target learns the source's layers, then runs alone (v1, LoRA)
         method_from_mapping({"kind": "semalign", "version": "v2", "mode": "layers"}),
     ]

@@ -50,7 +50,7 @@ def pretrain_source(
     eval_every: int = 100,
     progress: bool = True,
 ) -> tuple[PreTrainedModel, TrainResult]:
-    """A Qwen2 source trained from scratch on every fact in varied contexts (``source_documents``).
+    """A source (``family``, Qwen2 by default) trained from scratch on every fact in varied contexts (``source_documents``).
 
     Stops once its recall at the trace answer point reaches ``target_recall`` on all facts (checked every
     ``eval_every`` steps) or after ``steps``.

@@ -157,12 +157,24 @@ def test_a_job_gives_the_same_numbers_inline_and_in_two_worker_processes(world, 
     assert inline[0] == pooled[0] == pooled[1]  # bit for bit
 
 
+def test_target_pretraining_stops_once_it_has_the_skill_and_the_probe_covers_every_number(world, tokenizer):
+    probe = world.skill_probe()
+    assert sorted(f.value for f in probe) == sorted(NUMBERS)
+    assert not {f.entity for f in probe} & set(world.entities)  # background entities: no world fact is asked
+    _, stopped = pretrain_target(world, tokenizer, family="llama", hidden=16, layers=1, heads=2, steps=12,
+                                 batch_size=4, target_skill=0.0, eval_every=4, progress=False)
+    assert stopped.steps_run == 4  # the first check already meets a skill of 0
+    _, full = pretrain_target(world, tokenizer, family="llama", hidden=16, layers=1, heads=2, steps=12,
+                              batch_size=4, target_skill=None, eval_every=4, progress=False)
+    assert full.steps_run == 12
+
+
 TINY_COMPOSITION = """\
 output: {output}
 seeds: [0, 1]
 world: {{kind: composition, entities: 6, relations: 4, background_entities: 4}}
 source: {{family: llama, hidden: 32, layers: 2, heads: 2, steps: 20, eval_every: 10}}
-target: {{family: llama, hidden: 32, layers: 1, heads: 2, steps: 20}}
+target: {{family: llama, hidden: 32, layers: 1, heads: 2, steps: 20, target_skill: 1.0, eval_every: 10}}
 budget: {{steps: 6, batch_size: 4, eval_every: 3, validation_facts: 4}}
 methods:
   - source_alone
@@ -174,7 +186,7 @@ workers: 1
 """
 
 
-def test_tiny_composition_compare_reports_every_row_over_seeds_with_fusion_gates(tmp_path):
+def test_tiny_composition_compare_reports_every_row_over_seeds_with_fusion_gates(tmp_path, capsys):
     from llm_modules.cli import main
 
     config_path = tmp_path / "compare.yaml"
@@ -186,6 +198,9 @@ def test_tiny_composition_compare_reports_every_row_over_seeds_with_fusion_gates
     for entry in results["methods"].values():
         assert len(entry["test_accuracy"]) == 2  # one per seed
     assert results["chance"] == pytest.approx(0.01)
+    target = results["pretraining"]["target"]
+    assert target["steps"] == 20 and 0.0 <= target["skill"] < 1.0  # 20 steps teach no cipher: it trained them all
+    assert "WARNING: the target answers only" in capsys.readouterr().err  # and the user is told
     report = (tmp_path / "out" / "report.md").read_text()
     assert "± is the standard deviation over seeds" in report and "| llm_modules_fusion_prompt |" in report
     assert (tmp_path / "out" / "gates.png").stat().st_size > 1000  # the fusion rows' gates, read in their workers

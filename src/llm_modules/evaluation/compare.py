@@ -26,6 +26,7 @@ from ..errors import LLMModulesError
 from .factworld.composition import build_composition_world
 from .factworld.lm import build_world_tokenizer
 from .factworld.methods import Budget, MethodRun, MethodSpec, Workbench, recall_report, run_method
+from .factworld.metrics import target_skill
 from .factworld.models import pretrain_source, pretrain_target, save_model
 from .factworld.pool import available_cores, one_thread, run_jobs
 from .factworld.world import FactWorld, build_world, fact_sentence
@@ -60,7 +61,7 @@ def _pretrain(which: str, world: FactWorld, tokenizer, settings, seed: int, prog
         model, run = pretrain_target(
             world, tokenizer, family=settings.family, hidden=settings.hidden, layers=settings.layers,
             heads=settings.heads, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
-            progress=progress,
+            target_skill=settings.target_skill, eval_every=settings.eval_every, progress=progress,
         )
     return model, run, time.perf_counter() - start
 
@@ -82,6 +83,7 @@ def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench
     bench = Workbench(world, tokenizer, source, target)
     with one_thread():
         recall = recall_report(bench)
+        skill = target_skill(target, tokenizer, world)
     log(f"source pretrained in {source_seconds:.0f}s ({source_run.steps_run} steps): recall at the trace's recall point "
         f"{recall['test_trace']:.0%} of test facts, in its own format {recall['test_own']:.0%}")
     if recall["test_trace"] < config.source.target_recall:
@@ -89,14 +91,17 @@ def build_bench(config: CompareConfig, progress: bool = True) -> tuple[Workbench
             f"{config.source.target_recall:.0%}); no method can transfer what it does not know. Train it longer or "
             "wider (source.steps, source.hidden) before reading the table.")
     t = config.target
-    log(f"target ({t.family}) pretrained in {target_seconds:.0f}s on {t.steps * t.batch_size} traces and sentences "
-        f"about {len({f.entity for f in world.background})} other entities, values drawn afresh each time (none of the "
-        "world's facts)")
+    log(f"target ({t.family}) pretrained in {target_seconds:.0f}s ({target_run.steps_run} steps of {t.batch_size} "
+        f"traces and sentences about {len({f.entity for f in world.background})} other entities, values drawn afresh "
+        f"each time, none of the world's facts): given a recalled fact it answers {skill:.0%} of the skill probe")
+    if t.target_skill is not None and skill < t.target_skill:
+        log(f"WARNING: the target answers only {skill:.0%} of the skill probe given the fact (target "
+            f"{t.target_skill:.0%}); no composition can use a skill it lacks. Train it longer (target.steps).")
     pretraining = {
         "source": {"seconds": source_seconds, "steps": source_run.steps_run, "recall": recall,
                    "family": config.source.family,
                    "params": sum(p.numel() for p in source.parameters()), "loss_curve": source_run.losses[::10]},
-        "target": {"seconds": target_seconds, "steps": target_run.steps_run, "family": t.family,
+        "target": {"seconds": target_seconds, "steps": target_run.steps_run, "family": t.family, "skill": skill,
                    "params": sum(p.numel() for p in target.parameters()), "loss_curve": target_run.losses[::10]},
     }
     return bench, pretraining

@@ -191,7 +191,9 @@ def _introduction(results: dict) -> list[str]:
         f"fact in varied contexts: recall at the traces' recall point {recall.get('test_trace', float('nan')):.0%} on "
         f"test facts ({recall.get('transfer_trace', float('nan')):.0%} on transfer facts), in its own sentence form "
         f"{recall.get('test_own', float('nan')):.0%}. Target ({target.get('family', 'gpt_neo')}, "
-        f"{_params(target['params'])} weights) pretrained on {knows}.",
+        f"{_params(target['params'])} weights) pretrained on {knows}"
+        + (f"; told a recalled fact, it answers {target['skill']:.0%} of the skill probe (background entities: "
+           f"{'every number' if composition else 'every value'})." if "skill" in target else "."),
         "",
     ]
     if composition:

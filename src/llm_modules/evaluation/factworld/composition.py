@@ -124,6 +124,14 @@ class CompositionWorld(FactWorld):
         plain = [q.format(e=fact.entity, r=fact.relation) for q in QUESTION_FORMS]
         return plain + [self.question(fact, form) for form in range(self.question_forms)]
 
+    def skill_probe(self) -> list[Fact]:
+        """One background fact per number 00-99 (relations in turn): the target, given the fact, must say every
+        number's cipher."""
+        entities = sorted({f.entity for f in self.background})
+        relations = sorted(self.relations)
+        return [Fact(entities[i % len(entities)], relations[i % len(relations)], number)
+                for i, number in enumerate(NUMBERS)]
+
     def target_sentence(self, fact: Fact) -> str:
         return cipher_sentence(fact.value, self.final_answer(fact))
 

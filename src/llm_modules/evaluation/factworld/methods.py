@@ -424,7 +424,8 @@ def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> lis
         connector = [p for p in groups["connector"] if id(p) not in mixture]
         out = [{"params": connector, "lr": budget.lr, "name": "connector"},
                {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
-        if mixture:  # a fusion model's mixture gate: a linear probe of the target's state, d_target + 1 weights each
+        if mixture:  # a fusion model's mixture gate: a linear probe of the target's state (and of how sure each path
+            # is, with mixture_gate=confidence)
             out.append({"params": [p for p in groups["connector"] if id(p) in mixture],
                         "lr": budget.mixture_lr or budget.lr, "name": "mixture"})
         return [g for g in out if g["params"]]

@@ -214,6 +214,12 @@ def evaluate_traces(
 
 
 @torch.no_grad()
+def target_skill(model: nn.Module, tokenizer: PreTrainedTokenizerBase, world: FactWorld) -> float:
+    """The target's own skill: its greedy answer accuracy on ``world.skill_probe()`` when prompted with the gold
+    thought up to the recalled fact (the skill skyline's prompt, on background entities)."""
+    return evaluate_traces(model, tokenizer, world, world.skill_probe(), probe_leak=False, given_fact=True).accuracy
+
+
 def source_recall(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, world: FactWorld, facts: Sequence[Fact],
     where: str = "trace",

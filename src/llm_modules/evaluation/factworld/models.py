@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from ...tiny import save_tiny, tiny_config
 from .lm import Example, TrainResult, check_tokenizer_roundtrip, collate, encode_text, encode_trace, lm_loss, logits_of, train_loop
-from .metrics import source_recall
+from .metrics import source_recall, target_skill as skill_of
 from .world import Fact, FactWorld
 
 FACTS_PER_DOCUMENT = 4  # mentions per source pretraining document
@@ -94,6 +94,8 @@ def pretrain_target(
     batch_size: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    target_skill: float | None = None,
+    eval_every: int = 100,
     progress: bool = True,
 ) -> tuple[PreTrainedModel, TrainResult]:
     """A target of ``family`` (a ``tiny.tiny_config`` family) trained from scratch on traces and sentences about
@@ -104,7 +106,10 @@ def pretrain_target(
     The composition world's target is a Llama: a GPT-Neo of the same size (learned absolute positions) had not
     learned to copy the recalled number within its thought after 1,250 steps (31% teacher-forced) nor the cipher (1%),
     where a Llama (rotary positions) copied after 500 steps (99%) and knew the cipher after 1,000 (100%; 64 wide,
-    2 layers, batch 32, measured on the demo world)."""
+    2 layers, batch 32, measured on the demo world).
+
+    ``target_skill``: stop once the target, given the fact, answers that share of ``world.skill_probe()`` (checked
+    every ``eval_every`` steps); None trains all ``steps``."""
     model = _new_model(family, tokenizer, seed, hidden=hidden, layers=layers, heads=heads)
     examples = []
     for i, fact in enumerate(world.background_traces(steps * batch_size, seed=seed)):
@@ -114,9 +119,17 @@ def pretrain_target(
             traced = encode_trace(tokenizer, world, fact, i % world.question_forms)
             examples.append(Example(traced.input_ids, list(traced.input_ids)))  # all tokens: learn the format
     model.train()
+
+    def skill() -> float:
+        model.eval()
+        score = skill_of(model, tokenizer, world)
+        model.train()
+        return score
+
     result = train_loop(
         model.parameters(), causal_lm_loss_fn(model, tokenizer.pad_token_id), examples, steps,
-        batch_size=batch_size, lr=lr, seed=seed, description="pretrain target", progress=progress,
+        batch_size=batch_size, lr=lr, seed=seed, evaluate=skill if target_skill is not None else None,
+        eval_every=eval_every, stop_at=target_skill, description="pretrain target", progress=progress,
     )
     model.eval()
     return model, result

@@ -221,6 +221,13 @@ class FactWorld:
     def background_traces(self, count: int, seed: int = 0) -> list[Fact]:
         return background_traces(self, count, seed)
 
+    def skill_probe(self) -> list[Fact]:
+        """Facts about background entities on which to check the target's own skill, given the fact: here one per
+        value of every relation (the answer copies the recalled value)."""
+        entities = sorted({f.entity for f in self.background})
+        values = [(relation, value) for relation, pool in sorted(self.relations.items()) for value in pool]
+        return [Fact(entities[i % len(entities)], relation, value) for i, (relation, value) in enumerate(values)]
+
     @property
     def chance(self) -> float:
         """Expected accuracy of guessing uniformly from the right pool, over test facts."""

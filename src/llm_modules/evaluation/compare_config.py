@@ -149,9 +149,8 @@ DEMO_METHODS = [
     "source_alone", "target_alone", "skyline_source_recalls_fact", "skyline_target_given_fact",
     "target_finetuned",
     "llm_modules_bridge_causal_random",  # the paper's graph (a new head, the target re-initialised), made causal
-    # fusion: cross-attention blocks read the source along the reply; a pointer head can copy what the source
-    # recalled (the best row of examples/compare-composition.yaml, on world seeds 0 and 1)
-    {"kind": "fusion", "memory": "sequence", "head": "source_pointer"},
+    # the target as it is; a gate reading its state and how sure each model is picks the source's or the target's word
+    {"kind": "fusion", "memory": "sequence", "head": "source_mix", "fusion_layers": [], "mixture_gate": "confidence"},
 ]
 
 

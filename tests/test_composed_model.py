@@ -53,21 +53,24 @@ def test_families_compose_train_and_generate(model_folder, tokenizer, source, ta
 
 
 @pytest.mark.parametrize(
-    "source,target,head",
-    [(*PAIRS[0], "new"), (*PAIRS[1], "new"), (*PAIRS[0], "source"), (*PAIRS[0], "source_mix"), (*PAIRS[0], "source_pointer")],
+    "source,target,head,mixture_gate",
+    [(*PAIRS[0], "new", "state"), (*PAIRS[1], "new", "state"), (*PAIRS[0], "source", "state"),
+     (*PAIRS[0], "source_mix", "state"), (*PAIRS[0], "source_pointer", "state"),
+     (*PAIRS[0], "source_mix", "confidence")],
 )
-def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target, head):
+def test_perturbing_the_future_leaves_past_logits_unchanged(model_folder, tokenizer, source, target, head,
+                                                           mixture_gate):
     ids = tokenizer("The quick brown fox jumps over the lazy dog again", return_tensors="pt").input_ids
     cut = ids.shape[1] // 2
     perturbed = ids.clone()
     perturbed[:, cut + 1 :] = torch.randint(10, 300, perturbed[:, cut + 1 :].shape, generator=torch.Generator().manual_seed(0))
-    causal = compose(model_folder, source, target, head=head)
+    causal = compose(model_folder, source, target, head=head, mixture_gate=mixture_gate)
     with torch.no_grad():
         a, b = causal(ids).logits, causal(perturbed).logits
     torch.testing.assert_close(a[:, : cut + 1], b[:, : cut + 1], rtol=0, atol=1e-5)
     assert (a[:, cut + 1 :] - b[:, cut + 1 :]).abs().max() > 1e-3  # the future itself did change
 
-    leaky = compose(model_folder, source, target, leaky=True, head=head)
+    leaky = compose(model_folder, source, target, leaky=True, head=head, mixture_gate=mixture_gate)
     with torch.no_grad():
         a, b = leaky(ids).logits, leaky(perturbed).logits
     assert (a[:, : cut + 1] - b[:, : cut + 1]).abs().max() > 1e-3  # the released mask reads the future

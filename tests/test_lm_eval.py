@@ -194,3 +194,13 @@ def test_bridge_in_lm_eval_and_the_command_line(models, data, tmp_path, capsys):
     assert "offline-datasets" in capsys.readouterr().err
     with pytest.raises(LLMModulesError, match="batch_size=auto"):
         LLMModulesLM(pretrained=model, batch_size="auto")
+
+
+def test_the_lm_eval_letter_prompt_is_the_real_tables_text():
+    """lm-eval's tasks and the real table read the same text, so their answers can be compared question by question."""
+    from llm_modules.evaluation.lm_eval_tasks import utils
+    from llm_modules.evaluation.multiple_choice import letter_text
+
+    doc = {"question": "  Which gas do plants take in?\n", "choices": ["oxygen", "carbon dioxide", "helium"], "answer": 1}
+    assert utils.letter_prompt(doc) == letter_text(doc)
+    assert letter_text(doc).endswith("\nAnswer:") and "\nC. helium\n" in letter_text(doc)

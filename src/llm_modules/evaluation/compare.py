@@ -226,11 +226,26 @@ def _print_summary(results: dict, output: Path, seconds: float) -> None:
 
 
 def compare_main(argv: list[str]) -> int:
+    if _is_real_table(argv):
+        from .real.table import real_main
+
+        return real_main(argv)
     config, progress = _parse(argv, "llm-modules compare", "runs/compare")
     start = time.perf_counter()
     results = compare(config, progress)
     _print_summary(results, Path(config.output), time.perf_counter() - start)
     return 0
+
+
+def _is_real_table(argv: list[str]) -> bool:
+    """Does ``--config FILE`` name a real-table config (``real: true``, evaluation/real/)?"""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            from ..training.config import read_yaml_mapping
+
+            return bool(read_yaml_mapping(path).get("real"))
+    return False
 
 
 def demo_main(argv: list[str]) -> int:

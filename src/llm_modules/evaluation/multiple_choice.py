@@ -23,10 +23,16 @@ LETTERS = "ABCDEFGH"
 def read_rows(path: str | Path) -> list[dict]:
     """Rows of a multiple-choice JSONL file, checked (errors name the file, line and field)."""
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also splits on U+2028 and other separators inside JSON strings (MMLU has them)
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise LLMModulesError(f"{path}:{number}: not a JSON object ({error.msg} at column {error.colno})") from error
+        if not isinstance(row, dict):
+            raise LLMModulesError(f"{path}:{number}: expected a JSON object with question, choices and answer")
         for name, kind in (("question", str), ("choices", list), ("answer", int)):
             if not isinstance(row.get(name), kind):
                 raise LLMModulesError(f"{path}:{number}: field {name!r} must be a {kind.__name__}")
@@ -39,6 +45,15 @@ def read_rows(path: str | Path) -> list[dict]:
 def prompt_text(row: dict) -> str:
     lines = [row["question"].strip(), ""] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"])]
     return "\n".join(lines + ["", "Answer with the letter of the correct choice only."])
+
+
+def letter_text(row: dict) -> str:
+    """The plain letter format (no chat template): the prompt, then ``Answer:``; the answer is `` A``, `` B``...
+
+    What the real table (``evaluation/real``) and the lm-eval tasks ``llm_modules_arc_challenge`` /
+    ``llm_modules_mmlu`` both read, so that their numbers can be compared question by question.
+    """
+    return prompt_text(row) + "\nAnswer:"
 
 
 def chat_row(row: dict) -> dict:

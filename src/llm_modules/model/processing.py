@@ -58,7 +58,7 @@ def first_differing_tokens(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBas
     return differing[:limit]
 
 
-def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+def adds_bos_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Does the tokenizer put a BOS token in front by default (Llama, Gemma)? Then the source expects one."""
     if tokenizer.bos_token_id is None:
         return False
@@ -118,7 +118,7 @@ class CompositionProcessor:
         self.shared = same_tokenizer(tokenizer, self.source_tokenizer) if shared is None else shared
         if not self.shared and not (tokenizer.is_fast and self.source_tokenizer.is_fast):
             raise LLMModulesError("two different tokenizers need fast (Rust) tokenizers for character offsets")
-        self.source_bos = None if self.shared or not _adds_bos(self.source_tokenizer) else self.source_tokenizer.bos_token_id
+        self.source_bos = None if self.shared or not adds_bos_token(self.source_tokenizer) else self.source_tokenizer.bos_token_id
 
     # ----------------------------------------------------------------------------------- one row
     def _source_tokens(self, text: str) -> tuple[list[int], list[int]]:

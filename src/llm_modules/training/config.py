@@ -45,7 +45,7 @@ class TrainConfig:
     limit: int | None = None  # use the first N usable rows
     # --- rendering
     format: str = "auto"  # auto | sharegpt | messages | prompt_completion | gsm8k | text
-    template: str = "chat"  # chat (the tokenizer's) | plain [paper]
+    template: str = "chat"  # chat (the tokenizer's) | plain [paper] | raw (the turns' contents as they are)
     loss_on: str = "assistant"  # assistant | all [paper]
     system_prompt: str | None = None  # added to rows without a system message
     append_eos: bool = True  # plain template: end the last assistant turn with EOS [paper: false]

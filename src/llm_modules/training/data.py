@@ -9,7 +9,8 @@ Record formats (auto-detected per file from its first record, then required of e
 - ``text``: plain ``text`` (no turns: every token is trained, whatever ``loss_on`` says).
 
 Rendering: ``template="chat"`` uses the tokenizer's chat template; ``template="plain"`` is the
-paper's ``System:/User:/Assistant:`` layout. The assistant mask is computed from character
+paper's ``System:/User:/Assistant:`` layout; ``template="raw"`` concatenates the turns' contents as they are
+(a prompt and its completion, as lm-evaluation-harness scores them: the letter formats). The assistant mask is computed from character
 spans, found by rendering the conversation prefix by prefix (real chat templates lack
 ``{% generation %}`` markers), then mapped onto tokens with ``return_offsets_mapping``.
 
@@ -37,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from ..errors import LLMModulesError
 
 FORMATS = ("sharegpt", "messages", "prompt_completion", "gsm8k", "text")
-TEMPLATES = ("chat", "plain")
+TEMPLATES = ("chat", "plain", "raw")
 LOSS_ON = ("assistant", "all")
 OVERLENGTH = ("drop", "truncate")
 ROLES = ("system", "user", "assistant")
@@ -282,11 +283,11 @@ class Renderer:
 
     tokenizer: PreTrainedTokenizerBase
     template: str = "chat"
-    append_eos: bool = True  # plain template only: end the last assistant turn with the EOS token
+    append_eos: bool = True  # plain and raw templates only: end the last assistant turn with the EOS token
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
-            raise LLMModulesError(f"template={self.template!r} is not supported; choose 'chat' or 'plain'")
+            raise LLMModulesError(f"template={self.template!r} is not supported; choose one of {', '.join(TEMPLATES)}")
         if self.template == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise LLMModulesError("the tokenizer has no chat template; use template: plain")
 
@@ -296,6 +297,10 @@ class Renderer:
         if self.template == "plain":
             eos = (self.tokenizer.eos_token or "") if self.append_eos else ""
             return render_plain(messages, add_generation_prompt, eos)
+        if self.template == "raw":
+            text = "".join(m["content"] for m in messages)
+            ends_reply = messages and messages[-1]["role"] == "assistant" and self.append_eos
+            return text + ((self.tokenizer.eos_token or "") if ends_reply else "")
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 

@@ -1,7 +1,8 @@
 """Functions the task YAMLs of this folder call (``!function utils.NAME``); lm-eval loads this file by path.
 
-The letter prompt is the one the project's own multiple-choice harness uses: the question, a blank line,
-one ``A. choice`` line per choice, a blank line, and an instruction to answer with the letter only.
+The letter prompt is the one the project's real table reads (``multiple_choice.letter_text``): the question, a
+blank line, one ``A. choice`` line per choice, a blank line, an instruction to answer with the letter only, and
+``Answer:``; each choice is scored as lm-eval scores any multiple-choice task, `` A``, `` B``... after it.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ INVALID = "[invalid]"
 
 
 def letter_prompt(doc: dict) -> str:
+    """The question, its ``A. choice`` lines, the instruction, then ``Answer:`` (lm-eval appends " A", " B"...).
+
+    The same text as ``llm_modules.evaluation.multiple_choice.letter_text`` (the real table's), written out here
+    because lm-eval loads this file by path."""
     lines = [doc["question"].strip(), ""] + [f"{LETTERS[i]}. {choice}" for i, choice in enumerate(doc["choices"])]
-    return "\n".join(lines + ["", "Answer with the letter of the correct choice only."])
+    return "\n".join(lines + ["", "Answer with the letter of the correct choice only.", "Answer:"])
 
 
 def letter_choices(doc: dict) -> list[str]:

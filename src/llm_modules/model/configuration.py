@@ -1,25 +1,153 @@
-"""``LLMModulesConfig``: everything needed to rebuild a composed model, with clear validation."""
+"""The options of a composition, in one place.
+
+``ComposeOptions``: every option ``LLMModulesForCausalLM.compose()`` takes, typed, with ``Literal`` choices. The
+run config of ``llm-modules train`` (``training/config.py``), the fact-world harness's method specs and the
+trainer derive their option lists from it. ``LLMModulesConfig``: everything needed to rebuild a composed model.
+"""
 
 from __future__ import annotations
+
+import numbers
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from transformers import PreTrainedConfig
 
 from ..errors import LLMModulesError
 
-TOPOLOGIES = ("bridge", "fusion")
-TARGET_INITS = ("pretrained", "random")
-GATES = ("sigmoid", "tanh")
+Topology = Literal["bridge", "fusion"]
+TargetInit = Literal["pretrained", "random"]
+Gate = Literal["sigmoid", "tanh"]
+Head = Literal["new", "source", "target", "source_mix", "source_pointer"]
+Memory = Literal["prompt", "sequence"]
+TrainTarget = Literal["none", "all", "lora"]
+MixtureGate = Literal["state", "confidence"]  # what a mixture head's gate reads (model/heads.py)
+
+TOPOLOGIES: tuple[str, ...] = typing.get_args(Topology)
+TARGET_INITS: tuple[str, ...] = typing.get_args(TargetInit)
+GATES: tuple[str, ...] = typing.get_args(Gate)
+HEADS: tuple[str, ...] = typing.get_args(Head)
 BRIDGE_HEADS = ("new", "source", "source_mix", "source_pointer")
 FUSION_HEADS = ("target", "source_mix", "source_pointer")
-HEADS = tuple(dict.fromkeys(BRIDGE_HEADS + FUSION_HEADS))
-MEMORIES = ("prompt", "sequence")
-TRAIN_TARGETS = ("none", "all", "lora")
-MIXTURE_GATES = ("state", "confidence")  # what a mixture head's gate reads (model/heads.py)
+MEMORIES: tuple[str, ...] = typing.get_args(Memory)
+TRAIN_TARGETS: tuple[str, ...] = typing.get_args(TrainTarget)
+MIXTURE_GATES: tuple[str, ...] = typing.get_args(MixtureGate)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise LLMModulesError(f"{name}={value!r} is not supported; choose one of {', '.join(map(repr, choices))}")
+
+
+def _only(topology: Topology) -> dict:
+    """Field metadata: the option applies to one topology only (the other ignores it)."""
+    return {"topology": topology}
+
+
+@dataclass
+class ComposeOptions:
+    """Every option of ``LLMModulesForCausalLM.compose()``; ``None`` takes the topology's default.
+
+    Values are checked on construction: a ``Literal`` field names its valid values, a number or list field its type.
+    ``TrainConfig`` (``llm-modules train``) inherits these fields, so each is a YAML key (flat, or under ``model:``)
+    and a ``--key value`` option. Paper values (Kolomeitsev 2025) in brackets where they differ from ours.
+    """
+
+    topology: Topology = "bridge"  # bridge [paper] | fusion (the target keeps its tokenizer, embeddings and head)
+    target_init: TargetInit = "pretrained"  # pretrained | random [paper release]
+    leaky: bool = False  # the release's mask, through which earlier positions read later source states
+    gate: Gate | None = None  # None: sigmoid for the bridge [paper], tanh at 0 for fusion
+    head: Head | None = None  # None: new for the bridge [paper], target for fusion
+    mixture_gate: MixtureGate = "state"  # a mixture head's gate reads the target's state, or also how sure each is
+    heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
+    adapter_dim: int = 256
+    attention_dropout: float = 0.1
+    source_layer: int = -1
+    # --- bridge only
+    connector_layers: int = field(default=2, metadata=_only("bridge"))
+    intermediate_dim: int | None = field(default=None, metadata=_only("bridge"))  # None: (d_source + d_target) // 2
+    # --- fusion only
+    memory: Memory = field(default="prompt", metadata=_only("fusion"))  # prompt (read once) | sequence (reads along)
+    # target layers with a block in front; None: every fusion_every-th; []: no block (only a mixture gate trains)
+    fusion_layers: list[int] | None = field(default=None, metadata=_only("fusion"))
+    fusion_every: int = field(default=4, metadata=_only("fusion"))
+    # source hidden_states read by the blocks (one, or one per block); None: the last
+    source_layers: list[int] | None = field(default=None, metadata=_only("fusion"))
+    train_target: TrainTarget = field(default="none", metadata=_only("fusion"))  # none [CALM] | all | lora (PEFT)
+    lora_rank: int = field(default=16, metadata=_only("fusion"))
+    lora_alpha: int = field(default=32, metadata=_only("fusion"))
+    lora_dropout: float = field(default=0.0, metadata=_only("fusion"))
+    lora_target_modules: list[str] | None = field(default=None, metadata=_only("fusion"))
+
+    def __post_init__(self) -> None:
+        hints = _option_hints()
+        for name in compose_option_names():
+            _check_value(name, getattr(self, name), hints[name])
+        if self.head is not None:
+            _check_choice("head", self.head, FUSION_HEADS if self.topology == "fusion" else BRIDGE_HEADS)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "") -> ComposeOptions:
+        """Options from ``{name: value}``; an unknown name is an error listing the valid ones, a bad value one naming
+        what is valid (``where`` prefixes both)."""
+        unknown = set(values) - set(compose_option_names())
+        if unknown:
+            raise LLMModulesError(f"{where}unknown option(s) {sorted(unknown)}; valid options: "
+                                  f"{', '.join(compose_option_names())}")
+        try:
+            return cls(**values)
+        except LLMModulesError as error:
+            raise LLMModulesError(f"{where}{error}") from None
+
+    def to_kwargs(self, only_topology: bool = False) -> dict[str, Any]:
+        """The set options (not ``None``) as ``compose()`` keywords; ``only_topology``: only those the topology reads."""
+        names = compose_option_names(self.topology if only_topology else None)
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def compose_option_names(topology: str | None = None) -> tuple[str, ...]:
+    """The fields of ``ComposeOptions`` (those a ``topology`` reads, when given), in declaration order."""
+    return tuple(f.name for f in fields(ComposeOptions)
+                 if topology is None or f.metadata.get("topology", topology) == topology)
+
+
+def _option_hints() -> dict[str, Any]:
+    return typing.get_type_hints(ComposeOptions)
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    """``value`` fits the type ``hint`` of option ``name``, or an error naming what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        _check_choice(name, value, args)
+        return
+    if origin is list:
+        try:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
+            for item in value:
+                _check_value(name, item, args[0])
+        except (TypeError, LLMModulesError):
+            raise LLMModulesError(f"{name}={value!r} is not supported; expected a list of {args[0].__name__}") from None
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise LLMModulesError(f"{name}={value!r} is not supported; expected {hint.__name__}")
 
 
 class LLMModulesConfig(PreTrainedConfig):

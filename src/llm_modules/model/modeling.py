@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import LLMModulesError
 from .bridge import BridgeCache, bridge_forward
-from .configuration import LLMModulesConfig
+from .configuration import ComposeOptions, LLMModulesConfig
 from .connector import EnhancedCrossAttention
 from .fusion import Fusion, FusionCache, decoder_layers, default_fusion_layers, fusion_forward
 from .heads import MIXTURE_HEADS, SourceMixture
@@ -59,10 +60,6 @@ SOURCE_TOKENIZER_FOLDER = "source_tokenizer"
 # Families whose learned absolute position table is a hard length limit.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")
 SOURCE_INPUTS = ("source_input_ids", "source_attention_mask", "source_position_ids", "source_groups", "source_counts")
-COMPOSE_OPTIONS = ("leaky", "gate", "connector_layers", "heads", "adapter_dim", "intermediate_dim", "head",
-                   "mixture_gate",
-                   "source_layer", "attention_dropout", "topology", "memory", "fusion_layers", "fusion_every",
-                   "source_layers", "train_target", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 @dataclass
@@ -162,24 +159,22 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         source_revision: str | None = None,
         source_dtype: str | None = None,
         target_init: str = "pretrained",
-        **options,
+        **options: Any,
     ) -> LLMModulesForCausalLM:
         """Compose a frozen ``source`` and a ``target`` (hub ids, folders or loaded models).
 
-        options: any of ``COMPOSE_OPTIONS``. ``topology="bridge"`` (default: the paper's graph; the model reads
+        options: any field of ``ComposeOptions`` (``compose(source, target, **options.to_kwargs())`` takes one
+        whole); ``None`` takes the topology's default. ``topology="bridge"`` (default: the paper's graph; the model reads
         and writes source tokens, ``tokenizer`` defaults to the source's) or ``"fusion"`` (the target keeps its
         own tokenizer, embeddings and head; ``tokenizer`` defaults to the target's, ``source_tokenizer`` to the
         source's; gates default to tanh at 0, cross-attention heads to the target's).
         ``source=None`` with ``source_config`` builds a model that runs only on precomputed ``source_states``
         (training from the source-state cache).
         """
-        unknown = set(options) - set(COMPOSE_OPTIONS)
-        if unknown:
-            raise LLMModulesError(f"unknown option(s) {sorted(unknown)}; valid options: {', '.join(COMPOSE_OPTIONS)}")
+        options = ComposeOptions.from_mapping({**options, "target_init": target_init}).to_kwargs()
+        target_init = options.pop("target_init")
         if source is None and source_config is None:
             raise LLMModulesError("give a source model, or source_config=... to train from cached source states")
-        if target_init not in ("pretrained", "random"):
-            raise LLMModulesError(f"target_init={target_init!r} is not supported; choose 'pretrained' or 'random'")
         fusion = options.get("topology", "bridge") == "fusion"
         source_model = None if source is None else load_causal_lm("source", source, source_revision, source_dtype)
         source_config = source_model.config if source_model is not None else load_config("source", source_config)
@@ -277,14 +272,19 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
         """The cross-attention layers: the bridge's connector stack or the fusion blocks."""
         return self.fusion.blocks if self.config.topology == "fusion" else self.connector.layers
 
-    def trainable_parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+    def trainable_parameter_groups(self, mixture: bool = False) -> dict[str, list[nn.Parameter]]:
         """Named optimizer groups: ``connector`` (the new cross-attention modules) and ``target`` (the target's
-        weights that train; for the bridge also its new head and mixture gate, as the paper's graph trains them)."""
-        new_modules = ("connector.", "fusion.", "mixture.") if self.config.topology == "fusion" else ("connector.",)
-        groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": []}
+        weights that train; for the bridge also its new head and mixture gate, as the paper's graph trains them).
+        ``mixture=True``: a fusion model's mixture gate is a third group, ``mixture``, with its own learning rate."""
+        fusion = self.config.topology == "fusion"
+        new_modules = ("connector.", "fusion.", "mixture.") if fusion else ("connector.",)
+        groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": [], **({"mixture": []} if mixture else {})}
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                groups["connector" if name.startswith(new_modules) else "target"].append(parameter)
+                group = "connector" if name.startswith(new_modules) else "target"
+                if mixture and fusion and name.startswith("mixture."):
+                    group = "mixture"
+                groups[group].append(parameter)
         return groups
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -19,14 +19,19 @@ from typing import Any
 import yaml
 
 from ..errors import LLMModulesError
+from ..model.configuration import ComposeOptions, compose_option_names
 from .cache import DTYPES
 from .data import FORMATS, LOCAL_SUFFIXES, LOSS_ON, OVERLENGTH, TEMPLATES
 from .nonfinite import POLICIES
 
 
 @dataclass
-class TrainConfig:
-    """One training run. Paper values (Kolomeitsev 2025) in brackets where they differ from ours."""
+class TrainConfig(ComposeOptions):
+    """One training run. Paper values (Kolomeitsev 2025) in brackets where they differ from ours.
+
+    The composed model's options are the fields of ``ComposeOptions`` (``model/configuration.py``), inherited: one
+    list for ``compose()``, this config and the fact-world harness. Values are checked on construction.
+    """
 
     # --- which method trains: llm_modules (the composed model) | semalign (the target alone, training/semalign/)
     method: str = "llm_modules"
@@ -52,29 +57,9 @@ class TrainConfig:
     max_length: int = 2048  # [paper: 4096]
     overlength: str = "drop"  # drop [paper] | truncate
     on_bad_row: str = "error"  # error | skip (counted and reported)
-    # --- the composed model
-    topology: str = "bridge"  # bridge [paper] | fusion (the target keeps its tokenizer, embeddings and head)
-    target_init: str = "pretrained"  # pretrained | random [paper release]
-    leaky: bool = False
-    gate: str | None = None  # None: sigmoid for the bridge [paper], tanh at 0 for fusion
-    head: str | None = None  # None: new for the bridge [paper], target for fusion
-    connector_layers: int = 2
-    heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
-    adapter_dim: int = 256
-    intermediate_dim: int | None = None
-    attention_dropout: float = 0.1
-    source_layer: int = -1
+    # --- the composed model: every ComposeOptions field (model/configuration.py), inherited; in YAML flat or under
+    # `model:`, on the command line --key value or --model.key value
     source_dtype: str | None = None  # e.g. bfloat16
-    # --- fusion only
-    memory: str = "prompt"  # prompt (the source reads the prompt once) | sequence (it reads along)
-    fusion_layers: list[int] | None = None  # target layers with a block in front; None: every fusion_every-th
-    fusion_every: int = 4
-    source_layers: list[int] | None = None  # source hidden_states read by the blocks (one, or one per block)
-    train_target: str = "none"  # none [CALM] | all | lora (PEFT)
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = None
     # --- source-state cache
     cache: str | None = None  # folder; "auto" = OUTPUT/source-cache; null = run the source every step
     cache_dtype: str = "float16"  # float16 | bfloat16 | float32
@@ -89,6 +74,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr_connector: float = 1e-4
     lr_target: float = 5e-5
+    lr_mixture: float | None = None  # fusion's mixture gate (head: source_mix | source_pointer); None: lr_connector
     weight_decay: float = 0.01
     warmup: float = 0.0  # steps (>= 1) or a fraction of all steps (< 1) [paper: 0]
     scheduler: str = "linear"  # any transformers lr_scheduler_type [paper: constant]
@@ -113,6 +99,7 @@ class TrainConfig:
     trust_remote_code: bool = False  # run Python code shipped with a hub model (off unless asked for)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise LLMModulesError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         # "~/..." works in YAML files and quoted arguments too (hub ids never start with "~").
@@ -124,12 +111,18 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def compose_options(self) -> ComposeOptions:
+        """The model options of this run, as ``compose()`` takes them."""
+        return ComposeOptions(**{name: getattr(self, name) for name in compose_option_names()})
+
 
 METHODS = ("llm_modules", "semalign")
 PATH_FIELDS = ("source", "target", "data", "output", "tokenizer", "validation_data", "cache", "resume")
 
 
-ALIASES = {"lr": ("lr_connector", "lr_target")}  # --lr sets both learning rates
+ALIASES = {"lr": ("lr_connector", "lr_target"),  # --lr sets both learning rates
+           "mixture_lr": ("lr_mixture",)}  # the fact-world harness's name (Budget.mixture_lr)
+MODEL_SECTION = "model"  # YAML `model: {head: source_mix, ...}` / --model.head source_mix: ComposeOptions fields
 
 
 def _hints() -> dict[str, Any]:
@@ -144,6 +137,8 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
         return _convert(name, value, options[0])
+    if origin is typing.Literal:  # the choice itself is checked by ComposeOptions, which names the valid values
+        return _convert(name, value, type(typing.get_args(hint)[0]))
     if origin is list:
         items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
         return [_convert(name, v, typing.get_args(hint)[0]) for v in items]
@@ -174,20 +169,54 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
 
 
 def _unknown(key: str) -> LLMModulesError:
-    names = [f.name for f in fields(TrainConfig)] + list(ALIASES) + ["config"]
+    names = [f.name for f in fields(TrainConfig)] + list(ALIASES) + ["config", MODEL_SECTION]
     close = difflib.get_close_matches(key, names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; valid options: {', '.join(sorted(names))}"
     return LLMModulesError(f"unknown option {key!r}{hint}")
 
 
+def _flow_mapping(value: Any) -> Any:
+    """Text from a command line read as a YAML flow mapping (``'{mode: lora}'``, ``''`` = {}); other values as given."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value) if value.strip() else {}
+        except yaml.YAMLError:
+            pass
+    return value
+
+
+def _model_section(value: Any, where: str) -> dict[str, Any]:
+    """The ``model:`` mapping (YAML, or a flow mapping given on the command line) with its keys checked."""
+    value = _flow_mapping(value)
+    if not isinstance(value, dict):
+        raise LLMModulesError(f"{where}option {MODEL_SECTION}: expected a mapping of model option: value "
+                              f"(keys: {', '.join(compose_option_names())}), got {value!r}")
+    section = {str(k).replace("-", "_"): v for k, v in value.items()}
+    unknown = [k for k in section if k not in compose_option_names()]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], compose_option_names(), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(compose_option_names())}"
+        raise LLMModulesError(f"{where}unknown model option {MODEL_SECTION}.{unknown[0]}; {hint}")
+    return section
+
+
 def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None, where: str = "") -> TrainConfig:
-    """A TrainConfig from ``base`` (default: defaults) with ``values`` applied; keys may use dashes."""
+    """A TrainConfig from ``base`` (default: defaults) with ``values`` applied; keys may use dashes.
+
+    The model's options may be flat (``head: source_mix``) or under ``model:`` (``model: {head: source_mix}``, or
+    ``--model.head source_mix``); one given both ways with two values is an error.
+    """
     hints = _hints()
     from_aliases: dict[str, Any] = {}
     updates: dict[str, Any] = {}
+    nested: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         section, _, option = key.partition(".")
+        if key == MODEL_SECTION or (option and section == MODEL_SECTION):
+            given = _model_section(value, where) if key == MODEL_SECTION else _model_section({option: value}, where)
+            nested.update({k: _convert(f"{MODEL_SECTION}.{k}", v, hints[k]) for k, v in given.items()})
+            continue
         if option and typing.get_origin(hints.get(section)) is None and hints.get(section) is dict:
             # --semalign.mode lora: one option of a mapping field, kept as text (the section converts it)
             base_section = updates.get(section, dict(getattr(base, section)) if base else {})
@@ -197,11 +226,7 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
             for target in ALIASES[key]:
                 from_aliases[target] = _convert(key, value, hints[target])
         elif key in hints and hints[key] is dict:
-            if isinstance(value, str):  # --semalign='{mode: lora, pairs: 2}' from a command line: YAML flow mapping
-                try:
-                    value = yaml.safe_load(value) if value.strip() else {}
-                except yaml.YAMLError:
-                    pass
+            value = _flow_mapping(value)  # --semalign='{mode: lora, pairs: 2}' from a command line
             if not isinstance(value, dict):
                 raise LLMModulesError(f"{where}option {key}: expected a mapping of option: value, got {value!r}")
             updates[key] = dict(value)
@@ -209,8 +234,16 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
             updates[key] = _convert(key, value, hints[key])
         else:
             raise LLMModulesError(f"{where}{_unknown(key)}")
+    for key, value in nested.items():
+        if key in updates and updates[key] != value:
+            raise LLMModulesError(f"{where}option {key} is given twice, as {key}: {updates[key]!r} and as "
+                                  f"{MODEL_SECTION}.{key}: {value!r}; give it once")
+        updates[key] = value
     # An explicit field beats an alias (--lr 1e-3 --lr-target 5e-4 sets the target's to 5e-4).
-    return TrainConfig(**{**asdict(base or TrainConfig()), **from_aliases, **updates})
+    try:
+        return TrainConfig(**{**asdict(base or TrainConfig()), **from_aliases, **updates})
+    except LLMModulesError as error:
+        raise LLMModulesError(f"{where}{error}") from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
@@ -274,7 +307,6 @@ CHOICES = {
     "overlength": OVERLENGTH,
     "on_bad_row": ("error", "skip"),
     "on_nonfinite_loss": POLICIES,
-    "target_init": ("pretrained", "random"),
     "cache_dtype": tuple(DTYPES),
     "precision": ("auto", "fp32", "bf16", "fp16"),
 }

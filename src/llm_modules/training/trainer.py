@@ -39,17 +39,10 @@ from ..model.loading import allow_remote_code
 from .atomic import atomic_write_json
 from .config import TrainConfig, config_from_argv, dump_config, validate
 
-MODEL_OPTIONS = ("leaky", "gate", "head", "connector_layers", "heads", "adapter_dim", "intermediate_dim",
-                 "attention_dropout", "source_layer")
-FUSION_OPTIONS = ("memory", "fusion_layers", "fusion_every", "source_layers", "train_target", "lora_rank",
-                  "lora_alpha", "lora_dropout", "lora_target_modules")
-
-
 def model_options(config: TrainConfig) -> dict:
-    """The compose() options of a run; unset ones (None) take the topology's defaults."""
-    names = MODEL_OPTIONS + (FUSION_OPTIONS if config.topology == "fusion" else ())
-    options = {name: getattr(config, name) for name in names if getattr(config, name) is not None}
-    return {**options, "topology": config.topology}
+    """The compose() options of a run (``ComposeOptions`` fields its topology reads); unset ones (None) take the
+    topology's defaults."""
+    return config.compose_options().to_kwargs(only_topology=True)
 
 
 def reads_source_head(config: TrainConfig) -> bool:
@@ -79,7 +72,7 @@ def compose_model(config: TrainConfig, tokenizers: Tokenizers, with_source: bool
     """The composed model a run trains; ``with_source=False`` builds it from the source's config only
     (training from the source-state cache: the source's weights are never loaded)."""
     common = dict(tokenizer=tokenizers.main, source_revision=config.source_revision, source_dtype=config.source_dtype,
-                  target_init=config.target_init, **model_options(config))
+                  **model_options(config))
     if config.topology == "fusion":
         common["source_tokenizer"] = tokenizers.source
     if with_source:
@@ -223,8 +216,9 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
 
 
 class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
-    """``Trainer`` with named learning rates per parameter group (connector vs target), sealed (crash-safe)
-    checkpoints and a policy for NaN/inf losses (nonfinite.py)."""
+    """``Trainer`` with named learning rates per parameter group (connector, target, and fusion's mixture gate: the
+    groups of ``trainable_parameter_groups(mixture=True)``, as the fact-world harness trains them), sealed
+    (crash-safe) checkpoints and a policy for NaN/inf losses (nonfinite.py)."""
 
     def __init__(self, *args, group_lrs: dict[str, float], nonfinite_policy: str = "stop", **kwargs) -> None:
         super().__init__(*args, compute_loss_func=token_mean_loss, **kwargs)
@@ -239,7 +233,7 @@ class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
             decay = set(self.get_decay_parameter_names(model))
             names = {id(p): n for n, p in model.named_parameters()}
             groups = []
-            for group, parameters in model.trainable_parameter_groups().items():
+            for group, parameters in model.trainable_parameter_groups(mixture=True).items():
                 for decays in (True, False):
                     chosen = [p for p in parameters if (names[id(p)] in decay) == decays]
                     if chosen:
@@ -453,7 +447,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=all_callbacks,
-        group_lrs={"connector": config.lr_connector, "target": config.lr_target},
+        group_lrs={"connector": config.lr_connector, "target": config.lr_target,
+                   "mixture": config.lr_connector if config.lr_mixture is None else config.lr_mixture},
         nonfinite_policy=config.on_nonfinite_loss,
     )
     outcome = trainer.train(resume_from_checkpoint=resume)
@@ -498,9 +493,12 @@ Train a composed model. Every option of the run config can be given in the YAML 
   --lr X (both groups) --lr-connector X --lr-target X --batch-size N --grad-accum N
   --template chat|plain --loss-on assistant|all --max-length N --validation 0.05
   --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
+  --topology fusion --memory sequence --head source_mix --mixture-gate confidence --fusion-layers []
+  --lr-mixture X (fusion's mixture gate; default: --lr-connector)
   --method semalign --semalign.mode lora|layers|full --semalign.version v1|v2 (SemAlign: the target alone
   learns the source's layer outputs through the semantic bases; see examples/semalign-arc.yaml)
-See llm_modules/train_config.py (TrainConfig) for all options and examples/*.yaml.
+See TrainConfig in src/llm_modules/training/config.py (model options: ComposeOptions in
+src/llm_modules/model/configuration.py, flat or under model:) for all options, and examples/*.yaml.
 """
 
 

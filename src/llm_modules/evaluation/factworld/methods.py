@@ -28,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...errors import LLMModulesError
+from ...model.configuration import ComposeOptions, compose_option_names
 from ...model.modeling import LLMModulesForCausalLM
 from ...model.processing import shared_source_inputs
 from ...training.semalign import factworld as semalign_world
@@ -41,16 +42,15 @@ KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "dis
 # Options the fact-world harness applies itself to a bridge (compose does not take them): which target weights train
 # and how the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
 HARNESS_OPTIONS = {"train_target": ("all", "none"), "head_init": ("random", "target")}
-BRIDGE_OPTIONS = ("leaky", "target_init", "head", "gate", "connector_layers", "heads", "adapter_dim", "mixture_gate",
-                  *HARNESS_OPTIONS)
-FUSION_OPTIONS = ("memory", "head", "train_target", "fusion_every", "fusion_layers", "heads", "adapter_dim", "leaky",
-                  "lora_rank", "mixture_gate")
+# A composed method's options: the ComposeOptions fields its topology reads (the kind is the topology).
+BRIDGE_OPTIONS = (*(n for n in compose_option_names("bridge") if n != "topology"), *HARNESS_OPTIONS)
+FUSION_OPTIONS = tuple(n for n in compose_option_names("fusion") if n != "topology")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """One row of the comparison. ``options`` holds a composed method's ``LLMModulesForCausalLM.compose`` options
-    (bridge: checked against ``BRIDGE_OPTIONS``; fusion: passed through, compose checks them)."""
+    (``ComposeOptions`` fields: ``BRIDGE_OPTIONS`` / ``FUSION_OPTIONS``, checked here) or SemAlign's."""
 
     name: str
     kind: str
@@ -69,8 +69,11 @@ class MethodSpec:
                 f"method {self.name!r}: unknown {self.kind} option(s) {sorted(unknown)}; valid: {', '.join(valid)}"
             )
         for key, allowed in HARNESS_OPTIONS.items():
-            if key in self.options and self.options[key] not in allowed:
+            if self.kind == "bridge" and key in self.options and self.options[key] not in allowed:
                 raise LLMModulesError(f"method {self.name!r}: {key}={self.options[key]!r}; choose one of {allowed}")
+        if self.kind in COMPOSED:  # the values, as compose() will check them
+            compose_options = {k: v for k, v in self.options.items() if k not in HARNESS_OPTIONS or self.kind == "fusion"}
+            ComposeOptions.from_mapping({**compose_options, "topology": self.kind}, where=f"method {self.name!r}: ")
 
     @property
     def trains(self) -> bool:
@@ -287,13 +290,14 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
     if spec.kind == "fusion":
         return LLMModulesForCausalLM.compose(
             bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, source_tokenizer=bench.tokenizer,
-            topology="fusion", attention_dropout=0.0, **{"fusion_every": 1, **options},
+            topology="fusion", **{"attention_dropout": 0.0, "fusion_every": 1, **options},
         )
     harness = {key: options.pop(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
     options.setdefault("target_init", "pretrained")
     options.setdefault("heads", 4)
+    options.setdefault("attention_dropout", 0.0)
     model = LLMModulesForCausalLM.compose(bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer,
-                                          attention_dropout=0.0, **options)
+                                          **options)
     _apply_harness_options(model, bench.target, harness)
     return model
 
@@ -419,16 +423,11 @@ class MethodRun:
 
 def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> list[dict]:
     if spec.kind in COMPOSED:
-        groups = model.trainable_parameter_groups()
-        mixture = {id(p) for name, p in model.named_parameters() if name.startswith("mixture.") and p.requires_grad}
-        connector = [p for p in groups["connector"] if id(p) not in mixture]
-        out = [{"params": connector, "lr": budget.lr, "name": "connector"},
-               {"params": groups["target"], "lr": budget.target_lr, "name": "target"}]
-        if mixture:  # a fusion model's mixture gate: a linear probe of the target's state (and of how sure each path
-            # is, with mixture_gate=confidence)
-            out.append({"params": [p for p in groups["connector"] if id(p) in mixture],
-                        "lr": budget.mixture_lr or budget.lr, "name": "mixture"})
-        return [g for g in out if g["params"]]
+        # a fusion model's mixture gate: a linear probe of the target's state (and of how sure each path is, with
+        # mixture_gate=confidence), in its own group as ``llm-modules train`` trains it (lr_mixture)
+        lrs = {"connector": budget.lr, "target": budget.target_lr, "mixture": budget.mixture_lr or budget.lr}
+        groups = model.trainable_parameter_groups(mixture=True)
+        return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": budget.lr}]
 
 

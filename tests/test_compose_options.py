@@ -4,6 +4,7 @@ harness all take it or derive from it."""
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 
 import pytest
@@ -44,8 +45,8 @@ def test_every_literal_field_lists_its_choices_and_the_trainer_and_harness_deriv
     assert set(methods.FUSION_OPTIONS) == set(compose_option_names("fusion")) - {"topology"}
     assert set(methods.BRIDGE_OPTIONS) == (set(compose_option_names("bridge")) - {"topology"}) | set(
         methods.HARNESS_OPTIONS)
-    fusion = config_from_mapping({"topology": "fusion", "memory": "sequence", "head": "source_mix",
-                                  "mixture-gate": "confidence", "fusion_layers": []})
+    fusion = config_from_argv(["--topology", "fusion", "--memory", "sequence", "--head", "source_mix",
+                               "--mixture-gate", "confidence", "--fusion-layers", "[]"])
     options = model_options(fusion)
     assert (options["mixture_gate"], options["fusion_layers"], options["topology"]) == ("confidence", [], "fusion")
     assert "connector_layers" not in options  # the bridge's options stay out of a fusion model
@@ -85,3 +86,34 @@ def test_a_method_spec_checks_its_values_as_compose_will():
         methods.method_from_mapping({"kind": "bridge", "head": "target"})
     spec = methods.method_from_mapping({"kind": "bridge", "attention_dropout": 0.2, "source_layer": -2})
     assert spec.options["attention_dropout"] == 0.2  # options compose takes are the harness's too
+
+
+def _list_fields() -> dict[str, type]:
+    """Every list option of the run config -> its item type."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        hint = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+        if typing.get_origin(hint) is list:
+            out[name] = typing.get_args(hint)[0]
+    return out
+
+
+def test_every_list_option_takes_empty_bracketed_comma_and_yaml_text_on_the_command_line():
+    lists = _list_fields()
+    assert {"fusion_layers", "source_layers", "lora_target_modules", "report_to"} <= set(lists)
+    samples = {int: ("0", "4"), str: ("q_proj", "v_proj")}
+    for name, item in lists.items():
+        a, b = samples[item]
+        flag = "--" + name.replace("_", "-")
+        expected = [item(a), item(b)]
+        for text in (f"[{a},{b}]", f"[{a}, {b}]", f"{a},{b}", f"{a}, {b}", f"- {a}\n- {b}"):
+            assert getattr(config_from_argv([flag, text]), name) == expected, (name, text)
+            assert getattr(config_from_argv([f"{flag}={text}"]), name) == expected, (name, text)
+        assert getattr(config_from_argv([flag, "[]"]), name) == [], name
+        assert getattr(config_from_argv([flag, a]), name) == [item(a)], name
+    with pytest.raises(LLMModulesError, match=r"option fusion_layers: expected int, got 'x'"):
+        config_from_argv(["--fusion-layers", "[0, x]"])
+    with pytest.raises(LLMModulesError, match=r"option fusion_layers: '\[0, 4' is not a list; write \[\]"):
+        config_from_argv(["--fusion-layers", "[0, 4"])
+    assert config_from_argv(["--fusion-layers", "none"]).fusion_layers is None  # the topology's default

@@ -1,8 +1,8 @@
 """The typed run configuration of ``llm-modules train``: a dataclass, loadable from YAML, with ``--key value`` overrides.
 
 Every field can be set in the YAML file or on the command line (``--max-length 1024`` or
-``--max_length=1024``); the command line wins. Unknown keys are errors that suggest the closest
-valid key. Values are converted to the field's type (YAML reads ``1e-4`` as a string; we do not).
+``--max_length=1024``); the command line wins. A list option takes ``[]`` (empty), ``[0, 4]`` or ``0,4``.
+Unknown keys are errors that suggest the closest valid key. Values are converted to the field's type (YAML reads ``1e-4`` as a string; we do not).
 """
 
 from __future__ import annotations
@@ -140,8 +140,7 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
     if origin is typing.Literal:  # the choice itself is checked by ComposeOptions, which names the valid values
         return _convert(name, value, type(typing.get_args(hint)[0]))
     if origin is list:
-        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-        return [_convert(name, v, typing.get_args(hint)[0]) for v in items]
+        return [_convert(name, v, typing.get_args(hint)[0]) for v in _list_items(name, value)]
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -166,6 +165,25 @@ def _convert(name: str, value: Any, hint: Any) -> Any:
         kind = getattr(hint, "__name__", str(hint))
         raise LLMModulesError(f"option {name}: expected {kind}, got {value!r}") from None
     return value
+
+
+def _list_items(name: str, value: Any) -> list:
+    """The items of a list option: a YAML list, or text from a command line: ``[]`` (none), ``[0, 4]``, ``0,4``,
+    YAML block text (``- 0``), or one value."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, str):
+        return [value]
+    text = value.strip()
+    if text.startswith(("[", "- ")):
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError:
+            items = None
+        if not isinstance(items, list):
+            raise LLMModulesError(f"option {name}: {value!r} is not a list; write [] (none), [0, 4] or 0,4") from None
+        return items
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def _unknown(key: str) -> LLMModulesError:

@@ -493,7 +493,7 @@ Train a composed model. Every option of the run config can be given in the YAML 
   --lr X (both groups) --lr-connector X --lr-target X --batch-size N --grad-accum N
   --template chat|plain --loss-on assistant|all --max-length N --validation 0.05
   --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
-  --topology fusion --memory sequence --head source_mix --mixture-gate confidence --fusion-layers []
+  --topology fusion --memory sequence --head source_mix --mixture-gate confidence --fusion-layers '[]'
   --lr-mixture X (fusion's mixture gate; default: --lr-connector)
   --method semalign --semalign.mode lora|layers|full --semalign.version v1|v2 (SemAlign: the target alone
   learns the source's layer outputs through the semantic bases; see examples/semalign-arc.yaml)

@@ -271,8 +271,10 @@ def test_bad_fusion_options_give_actionable_errors(folder, tokenizer, other_toke
         fuse(folder, tokenizer, other_tokenizer, fusion_layers=[5])
     with pytest.raises(LLMModulesError, match="one per fusion block"):
         fuse(folder, tokenizer, other_tokenizer, fusion_layers=[0, 1], source_layers=[0, 1, 2])
-    with pytest.raises(LLMModulesError, match="tokenizers differ"):
-        fuse(folder, tokenizer, other_tokenizer, two_tokenizers=True, memory="sequence", head="source_mix")
+    # other_tokenizer is the suite's with fewer merges: its 300 ids name the same tokens, so every id both heads
+    # produce is one vocabulary (issue 24); a truly different pair is refused below (first differing id named)
+    assert fuse(folder, tokenizer, other_tokenizer, two_tokenizers=True, memory="sequence", head="source_mix",
+                open_gates=False).processor.shared
     with pytest.raises(LLMModulesError, match="memory='sequence'"):
         fuse(folder, tokenizer, other_tokenizer, memory="prompt", head="source_pointer")
     with pytest.raises(LLMModulesError, match="head="):
@@ -283,3 +285,51 @@ def test_bad_fusion_options_give_actionable_errors(folder, tokenizer, other_toke
     inputs = model.processor(TEXTS)
     with pytest.raises(LLMModulesError, match="source_counts"):
         model(input_ids=inputs.input_ids, source_input_ids=inputs.source_input_ids)
+
+
+# ------------------------------------------------------------------------------- one vocabulary (issue 24)
+def _appended(tokenizer, token="<|endoftext|>"):
+    """The same tokenizer with one token appended past its end, as transformers 5 loads a Qwen2 folder that lacks
+    <|endoftext|> (955 tokens against 954 for a tokenizer built from the very same tokenizer.json)."""
+    import copy
+
+    longer = copy.deepcopy(tokenizer)
+    longer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    assert len(longer) == len(tokenizer) + 1 and longer.convert_tokens_to_ids(token) == len(tokenizer)
+    return longer
+
+
+def test_a_token_appended_past_the_other_head_is_still_one_vocabulary(folder, tokenizer, other_tokenizer):
+    from llm_modules.model.processing import same_tokenizer, vocabulary_differences
+    from llm_modules.training.semalign import align_vocabularies
+
+    longer = _appended(tokenizer)
+    assert vocabulary_differences(tokenizer, longer) == [] and same_tokenizer(tokenizer, longer)
+    # the source's head has a row for the appended token; the target's head does not
+    assert vocabulary_differences(tokenizer, longer, len(tokenizer), len(longer)) == []
+    source_folder, target_folder = folder("qwen2", hidden=48), folder("llama", seed=1)
+    model = LLMModulesForCausalLM.compose(source_folder, target_folder, topology="fusion", tokenizer=tokenizer,
+                                          source_tokenizer=longer, memory="sequence", head="source_mix", **SMALL)
+    assert model.config.shared_tokenizer and model.processor.shared
+    inputs = model.processor(TEXTS)
+    assert torch.equal(inputs.source_input_ids, inputs.input_ids)  # the source reads the target's ids as they are
+    assert model(**inputs).logits.isfinite().all()
+    alignment = align_vocabularies(longer, tokenizer, len(longer), len(tokenizer))  # SemAlign: the same rule
+    assert alignment.source_ids == alignment.target_ids == list(range(len(tokenizer)))
+
+
+def test_tokenizers_that_differ_below_both_heads_are_refused_naming_the_first_differing_id(
+        folder, tokenizer, tmp_path):
+    different = build_tokenizer(["completely different words for another vocabulary entirely"], vocab_size=300)
+    target_folder = save_tiny(tiny_model("llama", different, seed=1), different, tmp_path / "target")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    other_by_id = {i: t for t, i in different.get_vocab().items()}
+    rows = min(len(tokenizer), len(different))
+    first = min(i for i in range(rows) if by_id.get(i) != other_by_id.get(i))
+    with pytest.raises(LLMModulesError) as error:
+        LLMModulesForCausalLM.compose(folder("qwen2", hidden=48), target_folder, topology="fusion", tokenizer=different,
+                                      source_tokenizer=tokenizer, memory="sequence", head="source_mix", **SMALL)
+    message = str(error.value)
+    assert f"the first differing ids: id {first}: target {other_by_id.get(first)!r}, source {by_id.get(first)!r}" in (
+        message), message
+    assert "head='target'" in message

@@ -107,6 +107,22 @@ def test_optimizer_has_named_groups_with_their_learning_rates(config):
     assert sorted(seen) == sorted(trainable) and len(seen) == len(set(seen))
 
 
+def test_the_demos_best_row_trains_on_trainer_with_its_mixture_gate_and_learning_rate(config, model_folder):
+    """fusion, no cross-attention block, a source_mix head with a confidence gate and the gate's own learning rate:
+    what the fact-world harness trains, through the run config (issue 24)."""
+    run = config(topology="fusion", target=model_folder("llama", seed=1), memory="sequence", head="source_mix",
+                 mixture_gate="confidence", fusion_layers=[], lr_mixture=3e-2, max_steps=1, scheduler="constant")
+    result = train(run)
+    assert len(result.model.fusion.blocks) == 0 and result.model.config.mixture_gate == "confidence"
+    groups = result.trainer.optimizer.param_groups  # (with and without weight decay)
+    assert {(g["group"], g["lr"]) for g in groups} == {("mixture", 3e-2)}
+    trained = {id(p) for name, p in result.model.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith("mixture.") for name, p in result.model.named_parameters() if p.requires_grad)
+    assert {id(p) for g in groups for p in g["params"]} == trained
+    saved = LLMModulesForCausalLM.from_pretrained(result.output)
+    assert saved.config.mixture_gate == "confidence" and saved.config.fusion_layers == []
+
+
 def test_gradient_accumulation_matches_one_big_batch(config, tmp_path):
     big = train(config(output=str(tmp_path / "big"), batch_size=4, grad_accum=1, max_steps=2, attention_dropout=0.0))
     small = train(config(output=str(tmp_path / "small"), batch_size=2, grad_accum=2, max_steps=2, attention_dropout=0.0))

@@ -52,7 +52,7 @@ from .loading import (
     resolve_dtype,
 )
 from .masks import positions_from_padding
-from .processing import CompositionProcessor, first_differing_tokens, same_tokenizer
+from .processing import CompositionProcessor, describe_differences, same_tokenizer, vocabulary_differences
 from .source import read_source
 
 WEIGHTS_NAME = "model.safetensors"
@@ -70,6 +70,19 @@ class ComposedCausalLMOutput(CausalLMOutputWithPast):
     ``labels`` are given; in evaluation mode ``loss`` is the mixture's alone)."""
 
     head_logits: torch.FloatTensor | None = None
+
+
+def _check_one_vocabulary(head: str, target_tok, source_tok, target_rows: int, source_rows: int) -> None:
+    """A mixture head mixes the source's next-token distribution into the target's: every id both output heads can
+    produce must name the same token (``vocabulary_differences``). How each tokenizer splits text does not matter:
+    the source reads the target's ids as they are."""
+    differences = vocabulary_differences(target_tok, source_tok, target_rows, source_rows)
+    if differences:
+        raise LLMModulesError(
+            f"head={head!r} mixes in the source's next-token distribution, which needs one vocabulary over the ids "
+            f"both heads produce ({target_rows} target, {source_rows} source rows); these tokenizers differ (the first "
+            f"differing ids: {describe_differences(differences, 'target', 'source')}). Use head='target', or a source "
+            "and target built on one tokenizer")
 
 
 def _hidden_size(config: PreTrainedConfig) -> int:
@@ -188,11 +201,11 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             options.setdefault("heads", int(body.config.get_text_config().num_attention_heads))
             shared = source_tok is None or same_tokenizer(target_tok, source_tok)
             source_tok = target_tok if source_tok is None else source_tok
-            if options.get("head") in MIXTURE_HEADS and not shared:
-                raise LLMModulesError(
-                    f"head={options['head']!r} mixes in the source's next-token distribution, which needs one "
-                    f"vocabulary; these tokenizers differ ({'; '.join(first_differing_tokens(target_tok, source_tok))})")
             vocab = int(body.config.get_text_config().vocab_size)
+            if options.get("head") in MIXTURE_HEADS:
+                _check_one_vocabulary(options["head"], target_tok, source_tok, vocab,
+                                      int(source_config.get_text_config().vocab_size))
+                shared = True  # one vocabulary: the source reads the target's ids (processor.py: shared)
             tokenizer_for_ids = target_tok
         else:
             target_tok = _tokenizer_of(tokenizer, None, "source") or _tokenizer_of(source_tokenizer, source, "source")

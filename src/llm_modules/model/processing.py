@@ -37,25 +37,46 @@ MEMORIES = ("prompt", "sequence")
 MAIN = -1  # source_groups value of a main (shared) source token
 
 
+def vocabulary_differences(
+    a: PreTrainedTokenizerBase,
+    b: PreTrainedTokenizerBase,
+    a_rows: int | None = None,
+    b_rows: int | None = None,
+    limit: int = 3,
+) -> list[tuple[int, str | None, str | None]]:
+    """The first ``limit`` ids that both output heads can produce but that name different tokens: (id, a's token,
+    b's token; None where a tokenizer holds no token at that id). Empty: one vocabulary.
+
+    ``a_rows`` / ``b_rows`` are the heads' sizes (``config.vocab_size``; default: each tokenizer's length). Only ids
+    below both count: a token one tokenizer appends past the other's head (transformers 5 loads a Qwen2 folder
+    without ``<|endoftext|>`` as ``Qwen2Tokenizer`` with that token appended) is never produced by the other head.
+    """
+    rows = min(len(a) if a_rows is None else a_rows, len(b) if b_rows is None else b_rows)
+    by_id_a = {i: t for t, i in a.get_vocab().items() if i < rows}
+    by_id_b = {i: t for t, i in b.get_vocab().items() if i < rows}
+    differences = []
+    for index in sorted(set(by_id_a) | set(by_id_b)):
+        if by_id_a.get(index) != by_id_b.get(index):
+            differences.append((index, by_id_a.get(index), by_id_b.get(index)))
+            if len(differences) == limit:
+                break
+    return differences
+
+
+def describe_differences(differences: list[tuple[int, str | None, str | None]], a: str, b: str) -> str:
+    """``vocabulary_differences`` for an error message: ``id 7: target 'ab', source 'ba'; ...``."""
+    return "; ".join(f"id {index}: {a} {token_a!r}, {b} {token_b!r}" for index, token_a, token_b in differences)
+
+
 def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """True when both tokenizers give the same ids for every text (same vocabulary, same behaviour on probes)."""
+    """True when each can read the other's ids: every id both hold names the same token (ids past the shorter one's
+    end do not count, see ``vocabulary_differences``) and both give the same ids on probe texts."""
     if a is b:
         return True
-    if len(a) != len(b) or a.get_vocab() != b.get_vocab():
+    if vocabulary_differences(a, b, limit=1):
         return False
     probes = ["Hello world, it's 2024!", "  two  spaces\nand\ttabs", "naïve café ünïcödé 中文", "<|im_start|>user\nhi"]
     return all(a(p, add_special_tokens=False).input_ids == b(p, add_special_tokens=False).input_ids for p in probes)
-
-
-def first_differing_tokens(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, limit: int = 5) -> list[str]:
-    """A few tokens the two vocabularies disagree on (for error messages)."""
-    va, vb = a.get_vocab(), b.get_vocab()
-    ids_a = {i: t for t, i in va.items()}
-    differing = [f"id {i}: {ids_a[i]!r} vs {next((t for t, j in vb.items() if j == i), None)!r}"
-                 for i in sorted(ids_a) if vb.get(ids_a[i]) != i]
-    if len(va) != len(vb) and not differing:
-        differing = [f"sizes {len(va)} vs {len(vb)}"]
-    return differing[:limit]
 
 
 def adds_bos_token(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -404,7 +404,9 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
 
     collator = PaddingCollator(tokenizer.pad_token_id, keep_rows=True)
     if config.topology == "fusion":  # what the source reads of each row, through its own tokenizer
-        processor = CompositionProcessor(tokenizer, tokenizers.source, config.memory)
+        # a mixture head reads the source at the target's ids (one vocabulary, checked by compose)
+        processor = CompositionProcessor(tokenizer, tokenizers.source, config.memory,
+                                         shared=True if reads_source_head(config) else None)
         data.train = add_source_alignment(data.train, processor)
         data.validation = add_source_alignment(data.validation, processor) if data.validation is not None else None
         pad = tokenizers.source.pad_token_id

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ...errors import LLMModulesError
+from ...model.processing import describe_differences, vocabulary_differences
 
 MAP_VERSION = 1
 
@@ -88,36 +89,31 @@ def align_vocabularies(
     target_rows: int,
     shared_tokens_only: bool = False,
 ) -> TokenAlignment:
-    """Check that the vocabularies are the same (token -> id) and return the aligned head rows.
+    """Check that the vocabularies are one (every id both heads produce names the same token, as a mixture head
+    needs: ``model.processing.vocabulary_differences``) and return the aligned head rows.
 
     ``*_rows`` are the heads' row counts (``config.vocab_size`` may exceed ``len(tokenizer)``: padding
-    rows carry no token and get no basis). Different vocabularies raise a VocabularyMismatchError that
+    rows carry no token and get no basis; a token past the other head's rows is not aligned). Different vocabularies raise a VocabularyMismatchError that
     names the first differing ids, unless ``shared_tokens_only``: then the tokens both vocabularies
     hold (same text) are paired, whatever their ids.
     """
+    differences = vocabulary_differences(source, target, source_rows, target_rows)
+    if not differences:  # one vocabulary over every id both heads produce (model/processing.py)
+        rows = min(source_rows, target_rows)
+        ids = sorted(i for i in source.get_vocab().values() if i < rows)
+        return TokenAlignment(ids, ids, False)
     source_vocab = {t: i for t, i in source.get_vocab().items() if i < source_rows}
     target_vocab = {t: i for t, i in target.get_vocab().items() if i < target_rows}
-    if source_vocab == target_vocab:
-        ids = sorted(source_vocab.values())
-        return TokenAlignment(ids, ids, False)
     if shared_tokens_only:
         shared = sorted(set(source_vocab) & set(target_vocab), key=lambda t: source_vocab[t])
         if not shared:
             raise VocabularyMismatchError("the source and target vocabularies share no token; SemAlign cannot align them")
         return TokenAlignment([source_vocab[t] for t in shared], [target_vocab[t] for t in shared], True)
-    by_id_source = {i: t for t, i in source_vocab.items()}
-    by_id_target = {i: t for t, i in target_vocab.items()}
-    differences = []
-    for index in sorted(set(by_id_source) | set(by_id_target)):
-        a, b = by_id_source.get(index), by_id_target.get(index)
-        if a != b:
-            differences.append(f"id {index}: source {a!r}, target {b!r}")
-            if len(differences) == 3:
-                break
     raise VocabularyMismatchError(
         f"the source and target vocabularies differ ({len(source_vocab)} vs {len(target_vocab)} tokens; first "
-        f"differences: {'; '.join(differences)}), so their semantic bases are not index-aligned. Use a pair that "
-        "shares one tokenizer, or set semalign.shared_tokens_only: true to align over the tokens both hold"
+        f"differences: {describe_differences(differences, 'source', 'target')}), so their semantic bases are not "
+        "index-aligned. Use a pair that shares one tokenizer, or set semalign.shared_tokens_only: true to align over "
+        "the tokens both hold"
     )
 
 

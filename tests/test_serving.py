@@ -121,6 +121,7 @@ def test_concurrent_requests_share_batches_and_answer_as_if_alone(client, compos
 
 def test_source_and_target_alone_answer_with_their_own_models(client, serving):
     _, models = serving
+    assert len(models) == 3  # the composed model, then its source and its target alone
     for served in models[1:]:
         reply = client.completions.create(model=served.id, prompt="The quick", max_tokens=4, temperature=0)
         ids = served.tokenizer("The quick", return_tensors="pt")

@@ -333,3 +333,25 @@ def test_tokenizers_that_differ_below_both_heads_are_refused_naming_the_first_di
     assert f"the first differing ids: id {first}: target {other_by_id.get(first)!r}, source {by_id.get(first)!r}" in (
         message), message
     assert "head='target'" in message
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
+def test_a_mixture_head_reads_the_source_at_its_own_token_whatever_the_padding_side(folder, tokenizer,
+                                                                                    other_tokenizer, side, head):
+    """Teacher-forced and leak-probe scoring (evaluation/factworld/metrics.py) pad on the right and give the target's
+    ids alone; the mixture reads the derived source states by column, so they must sit in the target's columns."""
+    model = fuse(folder, tokenizer, other_tokenizer, memory="sequence", head=head)
+    rows = [tokenizer(text, add_special_tokens=False).input_ids for text in TEXTS]
+    assert len(rows[0]) != len(rows[1])
+    length, pad = max(map(len, rows)), tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (length - len(r)) if side == "right" else [pad] * (length - len(r)) + r
+                        for r in rows])
+    mask = (torch.arange(length)[None] < torch.tensor([[len(r)] for r in rows])).long()
+    if side == "left":
+        mask = mask.flip(-1)
+    with torch.no_grad():
+        batched = model(input_ids=ids, attention_mask=mask).logits
+        for b, row in enumerate(rows):
+            alone = model(input_ids=torch.tensor([row])).logits[0]
+            assert torch.allclose(batched[b][mask[b].bool()], alone, atol=1e-4), (side, head, b)

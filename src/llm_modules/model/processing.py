@@ -234,16 +234,21 @@ class CompositionProcessor:
         return self(texts, **kwargs)
 
     def align_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  padding_side: str = "left", prompt_lengths: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+                  padding_side: str | None = None, prompt_lengths: Sequence[int] | None = None
+                  ) -> dict[str, torch.Tensor]:
         """The source side for target ids alone: decode each row, then align as :meth:`__call__` would.
 
         input_ids, attention_mask: [B, T]. Returns the ``source_*`` tensors (the target ids are not repeated).
         Rows keep their padding: ``source_counts`` is [B, T] in the same columns as ``input_ids``.
+        padding_side: where the source rows are padded; None: the side ``attention_mask`` pads on, so that with one
+        tokenizer each source token sits in its target token's column (a mixture head reads the source by column).
         prompt_lengths: [B] with ``memory="prompt"``, how many of each row's real tokens are the prompt the
         source reads (a context whose continuation is scored); default: all of them (a prompt to continue).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if padding_side is None:
+            padding_side = padding_side_of(attention_mask)
         if prompt_lengths is not None and len(prompt_lengths) != input_ids.shape[0]:
             raise LLMModulesError(f"{input_ids.shape[0]} rows but {len(prompt_lengths)} prompt lengths")
         rows = []
@@ -298,6 +303,12 @@ class CompositionProcessor:
             out["source_position_ids"].append(place(row.source_positions, 0, source_padding))
             out["source_groups"].append(place(groups, MAIN, source_padding))
         return out
+
+
+def padding_side_of(attention_mask: torch.Tensor) -> str:
+    """``"right"`` when some row of ``attention_mask`` [B, T] has padding after a real token, else ``"left"``."""
+    valid = attention_mask.bool()
+    return "right" if bool((~valid[:, 1:] & valid[:, :-1]).any()) else "left"
 
 
 def _shared_row(target_ids: Sequence[int], count: int) -> RowAlignment:

@@ -120,6 +120,24 @@ def test_finished_rows_are_kept_and_only_missing_ones_run(table_world, capsys):
     assert again["two/fusion_prompt"] == before["rows"]["two/fusion_prompt"]
 
 
+def test_a_fresh_machine_resumes_from_the_committed_rows(table_world, capsys):
+    """The output folder is gone (another machine); the committed copy in docs holds the rows, which are kept."""
+    base = yaml.safe_load(table_world["small"].read_text())
+    docs = table_world["root"] / "resume-docs"
+    config = dict(base, output=str(table_world["root"] / "machine-1"), docs=str(docs),
+                  pairs={"two": dict(base["pairs"]["two"], rows=["target_alone", "kd"], seeds=[0])})
+    path = table_world["root"] / "resume.yaml"
+    path.write_text(yaml.safe_dump(config))
+    real_main(["--config", str(path)])
+    committed = json.loads((docs / "real-transfer-runs.json").read_text())
+    assert set(committed["rows"]) == {"two/target_alone", "two/kd"}
+    path.write_text(yaml.safe_dump(dict(config, output=str(table_world["root"] / "machine-2"))))
+    capsys.readouterr()
+    real_main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert "resuming from" in err and "0 to run" in err
+
+
 def test_a_saved_fusion_row_scores_the_same_through_from_pretrained(table_world):
     """The kept model reloads (its source named in its config) and gives the logits it was scored with."""
     from llm_modules import LLMModulesForCausalLM

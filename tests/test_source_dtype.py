@@ -32,3 +32,6 @@ def test_the_loader_says_which_dtype_it_chose_and_the_override_wins(tokenizer, t
     capsys.readouterr()
     assert next(load_causal_lm("source", folder).parameters()).dtype == torch.bfloat16
     assert "source: loading in bfloat16 (this CPU computes bfloat16 natively" in capsys.readouterr().err
+    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+    assert next(load_causal_lm("target", folder).parameters()).dtype == torch.bfloat16  # only the source's default
+    assert "loading in" not in capsys.readouterr().err

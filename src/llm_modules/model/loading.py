@@ -104,7 +104,11 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_causal_lm(role: str, name: ModelLike, revision: str | None = None, dtype: str | None = None) -> PreTrainedModel:
-    """A causal LM from a hub id, a folder or a loaded model."""
+    """A causal LM from a hub id, a folder or a loaded model.
+
+    ``dtype=None``: the checkpoint's dtype, except for the ``source`` on a CPU without native bf16, which loads in
+    float32 (:func:`default_dtype`; the choice and its reason are printed). Trained models are made float32 by
+    their callers."""
     if isinstance(name, PreTrainedModel):
         return name
     if isinstance(name, torch.nn.Module):
@@ -115,7 +119,7 @@ def load_causal_lm(role: str, name: ModelLike, revision: str | None = None, dtyp
         raise LLMModulesError(f"the {role} must be a hub id, a folder or a loaded model, got {type(name).__name__}")
     _refuse_pickled_weights(role, name)
     kwargs = _safe_kwargs(revision, weights=True)
-    if dtype is None:
+    if dtype is None and role == "source":  # the frozen model that only reads: its speed is the dtype's
         checkpoint = _checkpoint_dtype(name, revision)
         chosen, why = default_dtype(checkpoint)
         if checkpoint in (torch.bfloat16, torch.float16):  # the choice that matters for speed: say it

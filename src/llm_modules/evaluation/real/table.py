@@ -1,8 +1,10 @@
 """The real transfer table: ``llm-modules compare --config examples/real-arc.yaml``.
 
 Stages: the source pass (once, cached), then each pair's rows, each seed. Every finished (pair, row, seed) is
-written to ``OUTPUT/results.json`` at once (atomically) and skipped when the command runs again, so a killed
-or interrupted run resumes where it stopped; ``--pair`` and ``--row`` run a part of it. The report
+written to ``OUTPUT/results.json`` at once (atomically; a copy goes to ``DOCS/real-transfer-runs.json``, which is
+committed) and skipped when the command runs again, so a killed or interrupted run resumes where it stopped,
+on another machine too (from the committed copy; the source pass is then recomputed where its cache is gone);
+``--pair`` and ``--row`` run a part of it. The report
 (``OUTPUT/real-transfer.md``, ``.json`` and the accuracy-vs-cost plot) is rewritten after every row.
 """
 
@@ -28,6 +30,8 @@ from .report import write_report
 from .rows import READS_SOURCE, ROWS, UNTRAINED, RowLearningRates, build_row
 from .scorers import score
 from .source_pass import SourcePass, run_source_pass
+
+RUNS_FILE = "real-transfer-runs.json"  # in ``docs``: results.json as committed (every seed, every answer)
 
 
 @dataclass
@@ -207,7 +211,14 @@ def run_table(config: RealTableConfig, only_pair: str | None = None, only_row: s
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     results_path = output / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    committed = Path(config.docs) / RUNS_FILE if config.docs else None
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+    elif committed is not None and committed.exists():  # a fresh machine resumes from the committed rows
+        results = json.loads(committed.read_text())
+        print(f"real table: resuming from {committed}", file=sys.stderr)
+    else:
+        results = {}
     sets = question_sets(config.datasets, config.questions.transfer, config.questions.arc_challenge,
                          config.questions.mmlu, config.questions.seed)
     ids = sets.ids()
@@ -238,6 +249,9 @@ def run_table(config: RealTableConfig, only_pair: str | None = None, only_row: s
         entry["wall_seconds"] = round(time.perf_counter() - began, 1)
         results["rows"].setdefault(f"{pair}/{row}", {})[str(seed)] = entry
         atomic_write_json(results_path, results)
+        if committed is not None:  # every seed's answers, committed with the report: the next machine resumes here
+            committed.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(committed, results)
         progress.finish(entry["wall_seconds"])
         print(f"  {pair} / {row} / seed {seed}: ARC-Challenge {entry['arc_challenge']['accuracy']:.1%}, "
               f"MMLU {entry['mmlu']['accuracy']:.1%} ({entry['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)

@@ -125,7 +125,10 @@ def markdown(results: dict, rows: list[dict], sets) -> str:
             f"{_pct(mmlu['ci95'][0])}-{_pct(mmlu['ci95'][1])} | {gap} | {e['trainable_params'] / 1e6:.2f}M | "
             f"{e['inference_params'] / 1e6:.0f}M | {e['seconds_per_question']:.3f} | {e['train_seconds']:.0f} |")
     lines += ["", "Gap closed is against each pair's target SFT (`sft`, or `lora_sft` where the pair has no full SFT "
-              "row) and the source alone. ± is half the range over seeds.", "", "## One miss per row", ""]
+              "row) and the source alone. ± is half the range over seeds. Seconds per question and training seconds "
+              "are wall times on the machine that ran the table (rows that read the source include its share of the "
+              "source pass); other jobs may have shared its cores, so read them as upper bounds.",
+              "", "## One miss per row", ""]
     for e in rows:
         lines.append(f"- {e['pair']} `{e['row']}`: {_example(results, e['pair'] + '/' + e['row'], questions)}")
     lines += ["", "## Commands", "", "```bash"]

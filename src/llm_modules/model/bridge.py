@@ -1,4 +1,4 @@
-"""Bridge topology: the paper's released architecture (Kolomeitsev 2025; research/methods.md §1.1).
+"""Bridge topology: the paper's released architecture (Kolomeitsev 2025, arXiv:2502.08213).
 
     input_ids [B, T] (source tokens)
       -> frozen source (eval, no_grad) -> hidden_states[source_layer]   [B, T, d_s]

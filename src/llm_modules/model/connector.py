@@ -1,7 +1,7 @@
 """Enhanced Cross-Attention: the trainable bridge between a source width and a target width.
 
-Graph (Kolomeitsev 2025, arXiv 2502.08213, as in its released ``model.py``; see
-research/methods.md §1.1), with H the source states [B, T, d_s]:
+Graph (Kolomeitsev 2025, arXiv 2502.08213, as in its released ``model.py``),
+with H the source states [B, T, d_s]:
 
     P = pre_proj(H)                         d_s -> d_s
     R = proj(P)                             d_s -> d_t          (skip path)

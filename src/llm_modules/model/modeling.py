@@ -1,6 +1,6 @@
 """``LLMModulesForCausalLM``: a frozen source model read by a small target, as one HF model.
 
-Two topologies (DESIGN.md §3), each in its own module:
+Two topologies, each in its own module:
 
 - ``bridge.py``: the paper's released architecture. The source's states pass through Enhanced
   Cross-Attention into the target's ``inputs_embeds``; a head predicts source tokens.

@@ -4,7 +4,7 @@ The fusion topology keeps the target's own tokenizer, so the source reads the sa
 own tokenizer. ``CompositionProcessor`` (in the spirit of HF's multimodal processors) renders a
 conversation once and gives each model its ids, plus the alignment that keeps the composition causal.
 
-The causal law across tokenizers (DESIGN.md §4): target token i ends at character e_i; it may read the
+The causal law across tokenizers: target token i ends at character e_i; it may read the
 source's view of ``text[:e_i]`` and nothing else. With byte-pair tokenizers the source's tokenization of
 a prefix is *not* always a prefix of its tokenization of the whole text ("the" + "re" is " there" once
 the text goes on), so "source tokens that end at or before e_i" in the full tokenization would leak

@@ -1,4 +1,4 @@
-"""The composition world: each parent holds half of what an answer needs (DESIGN.md §6).
+"""The composition world: each parent holds half of what an answer needs.
 
 The source knows facts about made-up entities whose values are two-digit numbers ("Velmora's room is 4 7").
 The target knows a cipher the source never saw: a random one-to-one map of the 100 two-digit numbers

@@ -43,7 +43,9 @@ def build_world_tokenizer(world: FactWorld, vocab_size: int = 1024) -> PreTraine
 
 
 def check_tokenizer_roundtrip(tokenizer: PreTrainedTokenizerBase, folder: str | Path, texts: Sequence[str]) -> None:
-    """Raise if ``AutoTokenizer.from_pretrained(folder)`` gives other ids than ``tokenizer`` (DESIGN.md §1 pitfall)."""
+    """Raise if ``AutoTokenizer.from_pretrained(folder)`` gives other ids than ``tokenizer``.
+
+    transformers 5 reloads a qwen2 folder's tokenizer as ``Qwen2Tokenizer``, which can split text otherwise."""
     reloaded = AutoTokenizer.from_pretrained(str(folder))
     for text in texts:
         a, b = tokenizer(text).input_ids, reloaded(text).input_ids

@@ -40,7 +40,7 @@ UNTRAINED = ("target_alone", "source_alone", "skyline_source_recalls_fact", "sky
 COMPOSED = ("bridge", "fusion")  # options pass to LLMModulesForCausalLM.compose
 KINDS = UNTRAINED + ("target_finetuned", "source_head", "source_finetuned", "distill_kd", "semalign") + COMPOSED
 # Options the fact-world harness applies itself to a bridge (compose does not take them): which target weights train
-# and how the new head starts. "none" keeps the target's skill intact (DESIGN.md §3: a fine-tuned target overwrote it).
+# and how the new head starts. "none" keeps the target's skill intact (measured on the composition world: a fine-tuned target overwrote it).
 HARNESS_OPTIONS = {"train_target": ("all", "none"), "head_init": ("random", "target")}
 # A composed method's options: the ComposeOptions fields its topology reads (the kind is the topology).
 BRIDGE_OPTIONS = (*(n for n in compose_option_names("bridge") if n != "topology"), *HARNESS_OPTIONS)

@@ -33,7 +33,7 @@ from llm_modules.training.semalign.layers import LayerTaps
 from llm_modules.training.semalign.objective import Frontier, Objective, cka_layer_loss, cosine_layer_loss
 from llm_modules.training.semalign.plan import row_batches, supervised_loss
 from llm_modules.training.semalign.train import train_semalign
-from llm_modules.training.trainer import train_main
+from llm_modules.training.command import train_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from .errors import LLMModulesError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("llm_modules.evaluation.compare", "demo_main", "the fact-world demo: does knowledge transfer? (CPU, minutes)"),
     "generate": ("llm_modules.commands", "generate_main", "generate text from a saved composed model"),
-    "train": ("llm_modules.training.trainer", "train_main", "train a composed model (Trainer, source-state cache)"),
+    "train": ("llm_modules.training.command", "train_main", "train a composed model (Trainer, source-state cache)"),
     "eval": ("llm_modules.evaluation.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),
     "compare": ("llm_modules.evaluation.compare", "compare_main", "run every transfer method on one harness, write a report"),
     "lm-eval": ("llm_modules.evaluation.lm_eval_command", "lm_eval_main", "lm-evaluation-harness on a saved model, offline task files"),

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import LLMModulesError
 from .factworld.methods import Budget, MethodSpec, default_methods, method_from_mapping
-from ..training.config import _convert, read_yaml_mapping
+from ..training.config import convert_value, read_yaml_mapping
 
 
 WORLD_KINDS = ("facts", "composition")
@@ -131,9 +131,9 @@ def _section(cls: type, values: Any, where: str) -> Any:
         elif typing.get_origin(hint) is list:
             kind = typing.get_args(hint)[0]
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-            updates[key] = [_convert(f"{where}.{key}", item, kind) for item in items]
+            updates[key] = [convert_value(f"{where}.{key}", item, kind) for item in items]
         else:
-            updates[key] = _convert(f"{where}.{key}", value, hint)
+            updates[key] = convert_value(f"{where}.{key}", value, hint)
     return cls(**updates)
 
 

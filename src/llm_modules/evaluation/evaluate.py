@@ -248,7 +248,7 @@ def evaluate(model, tokenizer, options: EvalOptions, data: EvalData | None = Non
     return result
 
 
-def _training_settings(folder: Path) -> dict:
+def training_settings(folder: Path) -> dict:
     """Rendering settings the model was trained with (train_config.yaml beside the weights), if any."""
     path = folder / "train_config.yaml"
     if not path.exists():
@@ -285,7 +285,7 @@ def eval_main(argv: list[str]) -> int:
         raise LLMModulesError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
     if args.limit is not None and args.limit < 1:
         raise LLMModulesError(f"--limit must be >= 1, got {args.limit}")
-    trained = _training_settings(folder)
+    trained = training_settings(folder)
     options = EvalOptions(
         data=args.data,
         template=args.template or trained.get("template", "chat"),

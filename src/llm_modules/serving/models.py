@@ -89,9 +89,9 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
 
 
 def _trained_settings(folder: Path) -> dict:
-    from ..evaluation.evaluate import _training_settings  # the template and system prompt training used
+    from ..evaluation.evaluate import training_settings  # the template and system prompt training used
 
-    return _training_settings(folder)
+    return training_settings(folder)
 
 
 def _served(model_id: str, role: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

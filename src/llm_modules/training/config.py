@@ -129,18 +129,18 @@ def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-def _convert(name: str, value: Any, hint: Any) -> Any:
+def convert_value(name: str, value: Any, hint: Any) -> Any:
     """``value`` (from YAML or the command line) as the type ``hint`` of field ``name``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
-        return _convert(name, value, options[0])
+        return convert_value(name, value, options[0])
     if origin is typing.Literal:  # the choice itself is checked by ComposeOptions, which names the valid values
-        return _convert(name, value, type(typing.get_args(hint)[0]))
+        return convert_value(name, value, type(typing.get_args(hint)[0]))
     if origin is list:
-        return [_convert(name, v, typing.get_args(hint)[0]) for v in _list_items(name, value)]
+        return [convert_value(name, v, typing.get_args(hint)[0]) for v in _list_items(name, value)]
     try:
         if hint is bool:
             if isinstance(value, bool):
@@ -233,7 +233,7 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
         section, _, option = key.partition(".")
         if key == MODEL_SECTION or (option and section == MODEL_SECTION):
             given = _model_section(value, where) if key == MODEL_SECTION else _model_section({option: value}, where)
-            nested.update({k: _convert(f"{MODEL_SECTION}.{k}", v, hints[k]) for k, v in given.items()})
+            nested.update({k: convert_value(f"{MODEL_SECTION}.{k}", v, hints[k]) for k, v in given.items()})
             continue
         if option and typing.get_origin(hints.get(section)) is None and hints.get(section) is dict:
             # --semalign.mode lora: one option of a mapping field, kept as text (the section converts it)
@@ -242,14 +242,14 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None,
             continue
         if key in ALIASES:
             for target in ALIASES[key]:
-                from_aliases[target] = _convert(key, value, hints[target])
+                from_aliases[target] = convert_value(key, value, hints[target])
         elif key in hints and hints[key] is dict:
             value = _flow_mapping(value)  # --semalign='{mode: lora, pairs: 2}' from a command line
             if not isinstance(value, dict):
                 raise LLMModulesError(f"{where}option {key}: expected a mapping of option: value, got {value!r}")
             updates[key] = dict(value)
         elif key in hints:
-            updates[key] = _convert(key, value, hints[key])
+            updates[key] = convert_value(key, value, hints[key])
         else:
             raise LLMModulesError(f"{where}{_unknown(key)}")
     for key, value in nested.items():

@@ -10,7 +10,7 @@ Method names follow issue 4: ``target_alone``, ``target_finetuned``, ``source_al
 (the suffix is the target's initialisation), plus ``_head_{source|source_mix|source_pointer}`` / ``_tanh`` /
 ``_layers{n}`` / ``_frozen_target`` / ``_head_init_target`` for the bridge variants the harness can vary, the fusion
 rows (``llm_modules_fusion_{memory}[_head_{head}]``) and ``semalign`` (``kind: semalign`` with the options of
-``training/semalign/options.py``; its model and loss live in ``training/semalign/factworld.py``).
+``training/semalign/options.py``; its model and loss live in ``factworld/semalign.py``).
 Two skylines bound a composition from above (issue 15): ``skyline_source_recalls_fact`` (the source answers the
 fact in its own format) and ``skyline_target_given_fact`` (the target is given the recalled fact and does the rest).
 """
@@ -31,7 +31,7 @@ from ...errors import LLMModulesError
 from ...model.configuration import ComposeOptions, compose_option_names
 from ...model.modeling import LLMModulesForCausalLM
 from ...model.processing import shared_source_inputs
-from ...training.semalign import factworld as semalign_world
+from . import semalign as semalign_world
 from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import Fact, FactWorld

@@ -23,7 +23,7 @@ import torch
 
 from ...errors import LLMModulesError
 from ...training.atomic import atomic_write_json
-from ...training.config import _convert, read_yaml_mapping
+from ...training.config import convert_value, read_yaml_mapping
 from .letter_training import Distillation, LetterBudget, train_on_letters
 from .questions import HELDOUT_TASKS, QuestionSets, question_sets
 from .report import write_report
@@ -92,7 +92,7 @@ def _section(cls, values: dict, where: str):
     import typing
 
     hints = typing.get_type_hints(cls)
-    return cls(**{k: _convert(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
+    return cls(**{k: convert_value(f"{where}.{k}", v, hints[k]) for k, v in values.items()})
 
 
 def load_real_config(path: str | Path, overrides: dict | None = None) -> RealTableConfig:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 
 from ...errors import LLMModulesError
-from ..config import _convert
+from ..config import convert_value
 from .layers import INTERFACES
 from .objective import LAYER_LOSSES, OUTPUT_LOSSES
 
@@ -84,7 +84,7 @@ def options_from_mapping(values: dict | None, where: str = "semalign") -> SemAli
     def convert(key: str, value):
         if typing.get_origin(hints[key]) is list and typing.get_args(hints[key])[0] is int:
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v]
-            return [_convert(f"{where}.{key}", item, int) for item in items]
-        return _convert(f"{where}.{key}", value, hints[key])
+            return [convert_value(f"{where}.{key}", item, int) for item in items]
+        return convert_value(f"{where}.{key}", value, hints[key])
 
     return SemAlignOptions(**{key: convert(key, value) for key, value in values.items()})

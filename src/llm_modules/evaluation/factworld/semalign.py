@@ -15,12 +15,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .bases import output_head
-from .layers import LayerTaps, layer_count
-from .models import prepare_target, set_frontier, source_tap_states
-from .objective import Frontier, Objective
-from .options import SemAlignOptions, options_from_mapping
-from .plan import plan_alignment
+from ...training.semalign.bases import output_head
+from ...training.semalign.layers import LayerTaps, layer_count
+from ...training.semalign.models import prepare_target, set_frontier, source_tap_states
+from ...training.semalign.objective import Frontier, Objective
+from ...training.semalign.options import SemAlignOptions, options_from_mapping
+from ...training.semalign.plan import plan_alignment
 
 OPTIONS = tuple(f.name for f in fields(SemAlignOptions))
 # The world's target has 2 layers: align both; the map is tiny (V = 1024), so it is not stored.
@@ -61,7 +61,7 @@ def build_model(options: dict[str, Any], bench, seed: int) -> nn.Module:
 
 def loss_fn(model: nn.Module, bench, steps: int) -> Callable[[list], torch.Tensor]:
     """Traces -> SemAlign's loss; the frontier (v2) advances one call per optimizer step over ``steps``."""
-    from ...evaluation.factworld.lm import collate, logits_of
+    from .lm import collate, logits_of
 
     settings, plan, by_layer = model.semalign_run
     objective = Objective(plan.pairs, plan.semantic_map, plan.taps, settings.interface, settings.layer_loss,

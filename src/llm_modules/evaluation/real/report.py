@@ -9,7 +9,6 @@ one held-out question the row got wrong while the source got it right.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -173,4 +172,3 @@ def write_report(results: dict, config, sets) -> None:
         atomic_write_json(folder / "real-transfer.json", document)
         (folder / "real-transfer.md").write_text(markdown(results, rows, sets))
         plot(rows, folder / "real-transfer.png")
-    json.dumps(document)  # fail loudly on anything not serialisable before the next row starts

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ...errors import LLMModulesError
 from ...model.loading import load_causal_lm, load_tokenizer
 from ...model.processing import adds_bos_token
 from ...training.atomic import atomic_write_json
@@ -35,8 +36,6 @@ def source_ids(tokenizer, text: str) -> list[int]:
 
 def letter_token_ids(tokenizer, count: int) -> list[int]:
     """Ids of " A", " B", ... (each must be one token)."""
-    from ...errors import LLMModulesError
-
     ids = []
     for piece in answer_tokens(count):
         encoded = tokenizer(piece, add_special_tokens=False).input_ids

@@ -19,7 +19,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 
 from ...errors import LLMModulesError
 from ...training.atomic import atomic_write_json
@@ -279,6 +278,5 @@ def real_main(argv: list[str]) -> int:
     config.command = "llm-modules compare " + " ".join(argv)
     if args.row and args.row not in ROWS:
         raise LLMModulesError(f"--row {args.row!r} is not a row; rows: {', '.join(ROWS)}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run_table(config, args.pair, args.row)
     return 0

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TextIteratorStreamer
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
 from llm_modules.model.heads import SourceMixture, confidence_features
 from llm_modules.model.masks import cross_attention_allowed, token_end_offsets
-from llm_modules.model.modeling import causal_lm_loss
+from llm_modules.model.loss import causal_lm_loss
 
 SMALL = dict(heads=4, adapter_dim=16)
 PAIRS = [

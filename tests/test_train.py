@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
 from llm_modules.training.cache import StaleCacheError
 from llm_modules.tiny import save_tiny, tiny_model
-from llm_modules.model.modeling import causal_lm_loss
+from llm_modules.model.loss import causal_lm_loss
 from llm_modules.training.command import train_main
 from llm_modules.training.trainer import token_mean_loss, train
 from llm_modules.training.config import TrainConfig, config_from_argv, load_config

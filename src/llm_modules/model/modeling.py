@@ -51,6 +51,7 @@ from .loading import (
     load_tokenizer,
     resolve_dtype,
 )
+from .loss import composed_lm_loss
 from .masks import positions_from_padding
 from .processing import CompositionProcessor, describe_differences, same_tokenizer, vocabulary_differences
 from .source import read_source
@@ -416,9 +417,8 @@ class LLMModulesForCausalLM(PreTrainedModel, GenerationMixin):
             logits, head_logits = self._bridge_head(hidden, full_hidden, states, attention_mask, cache)
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels)
-            if head_logits is not None and self.training:  # evaluation reports the mixture's loss alone
-                loss = loss + causal_lm_loss(head_logits, labels)
+            # evaluation reports the mixture's loss alone
+            loss = composed_lm_loss(logits, head_logits if self.training else None, labels)
         return ComposedCausalLMOutput(
             loss=loss,
             logits=logits,
@@ -646,13 +646,6 @@ def _tokenizer_of(given, model_ref, role: str) -> PreTrainedTokenizerBase | None
     if model_ref is None or isinstance(model_ref, PreTrainedConfig):
         return None
     return load_tokenizer(model_ref, role)
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32: logits [B, T, V] predict labels shifted by one; -100 ignored."""
-    shifted = logits[:, :-1].float()
-    targets = labels[:, 1:].to(shifted.device)
-    return F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
 
 def _name_of(given: object, model: PreTrainedModel | None) -> str | None:
     if isinstance(given, (str, os.PathLike)):

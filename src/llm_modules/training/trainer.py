@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from ..model.fusion import source_view_rows
+from ..model.loss import composed_lm_loss
 from ..model.loading import load_causal_lm
 from ..model.processing import CompositionProcessor
 from ..model.source import read_source
@@ -201,17 +201,7 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     (the Trainer's count over all micro-batches of one optimizer step) every token weighs the
     same whatever the accumulation; without it (evaluation) it is the plain mean.
     """
-    targets = labels[:, 1:].to(outputs["logits"].device)
-    total = 0
-    # a mixture head also returns its new head's own logits in training: their cross-entropy is added (modeling.py)
-    for key in ("logits", "head_logits"):
-        if outputs.get(key) is not None:
-            logits = outputs[key][:, :-1].float()
-            total = total + F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                            ignore_index=-100, reduction="sum")
-    if num_items_in_batch is None:
-        return total / (targets != -100).sum().clamp(min=1)
-    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    return composed_lm_loss(outputs["logits"], outputs.get("head_logits"), labels, num_items_in_batch)
 
 
 class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):

@@ -84,7 +84,7 @@ def test_only_bridge_parameters_train_and_source_is_untouched(model_folder, toke
     groups = model.trainable_parameter_groups()
     assert sum(len(g) for g in groups.values()) == len(trainable) and groups["connector"] and groups["target"]
     before = {k: v.clone() for k, v in model.source.state_dict().items()}
-    trained_before = model.lm_head.weight.clone()
+    trained_before = model.get_output_embeddings().weight.clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     inputs = batch(tokenizer)
     model(**inputs, labels=inputs.input_ids).loss.backward()
@@ -92,7 +92,7 @@ def test_only_bridge_parameters_train_and_source_is_untouched(model_folder, toke
     assert not model.source.training
     for key, value in model.source.state_dict().items():
         assert torch.equal(value, before[key]), key
-    assert not torch.equal(model.lm_head.weight, trained_before)
+    assert not torch.equal(model.get_output_embeddings().weight, trained_before)
 
 
 @pytest.mark.parametrize("source,target,head", [(*PAIRS[0], "new"), (*PAIRS[3], "new"), (*PAIRS[0], "source_pointer")])
@@ -284,9 +284,9 @@ def test_ids_the_source_cannot_embed_are_never_predicted(model_folder, tokenizer
     model = compose(model_folder)
     readable = model.source.get_input_embeddings().num_embeddings
     model.config.vocab_size = readable + 2
-    model.lm_head = torch.nn.Linear(model.lm_head.in_features, readable + 2, bias=False)
+    model.head.linear = torch.nn.Linear(model.head.linear.in_features, readable + 2, bias=False)
     with torch.no_grad():
-        model.lm_head.weight[readable:] = 100.0  # these ids would win every argmax and every sample
+        model.head.linear.weight[readable:] = 100.0  # these ids would win every argmax and every sample
         logits = model(**batch(tokenizer)).logits
     assert logits.shape[-1] == readable + 2 and int(logits.argmax(-1).max()) < readable
     torch.manual_seed(0)

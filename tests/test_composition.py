@@ -122,8 +122,8 @@ def test_frozen_target_keeps_its_weights_and_the_head_starts_as_the_targets_own(
     spec = bridge_spec(target_init="pretrained", head="source_pointer", train_target="none", head_init="target")
     model = build_model(spec, bench, seed=0)
     assert not any(p.requires_grad for p in model.target.parameters())
-    assert torch.equal(model.lm_head.weight, target.get_output_embeddings().weight)
-    assert model.lm_head.weight.requires_grad and model.connector.pre_proj.weight.requires_grad
+    assert torch.equal(model.get_output_embeddings().weight, target.get_output_embeddings().weight)
+    assert model.get_output_embeddings().weight.requires_grad and model.connector.pre_proj.weight.requires_grad
     with pytest.raises(LLMModulesError, match="head_init='target' needs a new head"):
         build_model(bridge_spec(target_init="pretrained", head="source", head_init="target"), bench, seed=0)
 

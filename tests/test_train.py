@@ -118,7 +118,7 @@ def test_the_demos_best_row_trains_on_trainer_with_its_mixture_gate_and_learning
     groups = result.trainer.optimizer.param_groups  # (with and without weight decay)
     assert {(g["group"], g["lr"]) for g in groups} == {("mixture", 3e-2)}
     trained = {id(p) for name, p in result.model.named_parameters() if p.requires_grad}
-    assert trained and all(name.startswith("mixture.") for name, p in result.model.named_parameters() if p.requires_grad)
+    assert trained and all(name.startswith("head.mixture.") for name, p in result.model.named_parameters() if p.requires_grad)
     assert {id(p) for g in groups for p in g["params"]} == trained
     saved = LLMModulesForCausalLM.from_pretrained(result.output)
     assert saved.config.mixture_gate == "confidence" and saved.config.fusion_layers == []

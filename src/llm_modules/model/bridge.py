@@ -14,13 +14,20 @@ source keys/values, the target's KV cache. Each new token costs one step of each
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import DynamicCache
+from torch import nn
+from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel
 
-from .connector import ConnectorCache
-from .heads import PointerMemory
+from ..errors import LLMModulesError
+from .connector import ConnectorCache, EnhancedCrossAttention
+from .heads import HeadInputs, NewTokenHead, PointerMemory, SourceProjectionHead
+from .loading import config_from_dict, load_target_body, tokenizer_of
 from .masks import cross_attention_allowed
+from .source import read_source
+from .topology import ComposeParts, Topology, TopologyOutput
 
 
 @dataclass(kw_only=True)
@@ -42,10 +49,20 @@ class BridgeCache(PointerMemory):
         self.reorder_pointer(beam_idx)
 
 
+@dataclass
+class BridgePass:
+    """One bridge forward up to the head: the target's last states [B, T, d_t], the source states it read
+    [B, T, d_s], the connector's attention maps (when asked) and the cache."""
+
+    hidden: torch.Tensor
+    source_states: torch.Tensor
+    attention_maps: list[torch.Tensor] | None
+    cache: BridgeCache | None
+
+
 def bridge_forward(model, input_ids, attention_mask, position_ids, source_states, cache: BridgeCache | None,
-                   use_cache: bool, output_attentions: bool):
-    """One forward of a bridge model up to the head. Returns (target last hidden [B, T, d_t],
-    source states [B, T, d_s], attention maps, cache)."""
+                   use_cache: bool, output_attentions: bool) -> BridgePass:
+    """One forward of a bridge model up to the head."""
     reference = input_ids if input_ids is not None else source_states
     batch, length = reference.shape[:2]
     past = cache.get_seq_length() if cache is not None else 0
@@ -74,4 +91,72 @@ def bridge_forward(model, input_ids, attention_mask, position_ids, source_states
         cache=cache.target if cache is not None else None,
         use_cache=use_cache,
     )
-    return output.last_hidden_state, source_states, attention_maps, cache
+    return BridgePass(output.last_hidden_state, source_states, attention_maps, cache)
+
+
+class BridgeTopology(Topology):
+    """The paper's graph: source tokens in and out, the target fed through ``inputs_embeds``."""
+
+    name = "bridge"
+    states_replace_ids = True  # the bridge reads nothing but the source's states
+    new_module_prefixes = ("connector.",)  # the new head trains with the target's weights, as the paper's graph does
+
+    def compose_parts(self, source: Any, target: Any, tokenizer: Any, source_tokenizer: Any,
+                      source_config: PreTrainedConfig, target_init: str, options: dict[str, Any]) -> ComposeParts:
+        ids = tokenizer_of(tokenizer, None, "source") or tokenizer_of(source_tokenizer, source, "source")
+        if ids is None:
+            raise LLMModulesError("without a source model, pass the source's tokenizer=...")
+        vocab = max(int(source_config.get_text_config().vocab_size), len(ids))
+        return ComposeParts(load_target_body(target, target_init), ids, None, vocab, True)
+
+    def random_target(self, target_config: PreTrainedConfig) -> PreTrainedModel:
+        return load_target_body(target_config, "random")
+
+    def saved_target(self, config, target: Any, folder: Path) -> PreTrainedModel:
+        # the bridge's target weights that train are all saved: its stored config rebuilds it
+        return self.random_target(config_from_dict(config.target_config))
+
+    def build(self, model: nn.Module, config, d_source: int, d_target: int, target: PreTrainedModel) -> None:
+        model.connector = EnhancedCrossAttention(
+            d_source, d_target, layers=config.connector_layers, heads=config.heads, adapter_dim=config.adapter_dim,
+            intermediate_dim=config.intermediate_dim, gate=config.gate, attention_dropout=config.attention_dropout,
+        )
+        if config.head == "source":
+            model.head = SourceProjectionHead(d_target, d_source)
+            return
+        new = NewTokenHead(d_target, config.vocab_size, model.source_vocab_size)
+        model.head = self.mixture_head(new, config, d_target, d_source, fallback=new)
+
+    def freeze(self, model: nn.Module) -> None:
+        # The bridge feeds the target through inputs_embeds: its token embeddings are never read.
+        embeddings = model.target.get_input_embeddings()
+        if embeddings is not None:
+            embeddings.requires_grad_(False)
+
+    def input_embeddings(self, model: nn.Module) -> nn.Module | None:
+        return None if model.source is None else model.source.get_input_embeddings()
+
+    def output_embeddings(self, model: nn.Module) -> nn.Module | None:
+        return model.head.output_embeddings
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.connector.layers
+
+    def new_modules(self, model: nn.Module) -> nn.Module:
+        return model.connector
+
+    def source_states(self, model, input_ids, attention_mask, position_ids, cache, layers) -> torch.Tensor:
+        return read_source(model.source, input_ids, attention_mask, position_ids, (model.config.source_layer,), cache)[0]
+
+    def forward(self, model, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                output_attentions, inputs) -> TopologyOutput:
+        run = bridge_forward(model, input_ids, attention_mask, position_ids, inputs.get("source_states"), cache,
+                             use_cache, output_attentions)
+        hidden = run.hidden[:, -logits_to_keep:] if logits_to_keep else run.hidden
+        logits, head_logits = model.head(HeadInputs(
+            hidden.to(model.connector.pre_proj.weight.dtype), run.hidden, None, run.source_states, attention_mask,
+            run.cache, model.source_logits))
+        return TopologyOutput(logits, head_logits, run.cache, run.attention_maps)
+
+    def describe(self, config) -> str:
+        return f"bridge; connector: {config.connector_layers} Enhanced Cross-Attention layers, {config.heads} heads,"

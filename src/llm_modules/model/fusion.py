@@ -22,251 +22,57 @@ How fusion reads the source, in order (``fusion_forward``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
-from .connector import ConnectorCache, EnhancedCrossAttentionLayer
-from .heads import PointerMemory
-from .processing import MAIN, CompositionProcessor, SourceStream, cross_attention_from_counts, group_counts, source_self_mask
+from .fusion_blocks import Fusion, FusionContext, decoder_layers, default_fusion_layers
+from .fusion_reading import (
+    FusionCache,
+    decode_source_step,
+    run_source,
+    source_read_layers,
+    source_side,
+    source_view_rows,
+    start_decoding,
+)
+from .heads import MIXTURE_HEADS, HeadInputs, TargetHead
+from .loading import config_from_dict, load_target_lm, tokenizer_of
+from .processing import CompositionProcessor, cross_attention_from_counts, describe_differences, same_tokenizer, vocabulary_differences
 from .source import read_source
+from .topology import ComposeParts, Topology, TopologyOutput
 
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The target's stack of decoder blocks, whatever its family calls it (``model.layers``, ``transformer.h``...)."""
-    count = int(model.config.get_text_config().num_hidden_layers)
-    for _, module in model.base_model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise LLMModulesError(
-        f"could not find the {count} decoder layers of the target {type(model).__name__}; fusion needs a "
-        "transformers causal LM whose base model keeps its blocks in an nn.ModuleList"
-    )
-
-
-def default_fusion_layers(num_layers: int, every: int) -> list[int]:
-    """Blocks before target layers 0, k, 2k, ... (CALM and Flamingo-9B use k = 4)."""
-    if every < 1:
-        raise LLMModulesError(f"fusion_every must be >= 1, got {every}")
-    return list(range(0, num_layers, every))
+__all__ = ["Fusion", "FusionCache", "FusionTopology", "decoder_layers", "default_fusion_layers", "fusion_forward",
+           "run_source", "source_side", "source_view_rows"]
 
 
 @dataclass
-class FusionContext:
-    """What the blocks read during one target forward: keys/values per block [B, h, S, hd], who reads what."""
+class FusionPass:
+    """One fusion forward up to the head: the target's logits [B, t, V]; for mixture heads its last hidden states
+    at every new position [B, T, d_t] and the source's last-layer states aligned with them [B, T, d_s] (else None)."""
 
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    allowed: torch.Tensor  # [B, T, S] bool, rows that read nothing are opened (see reads_any)
-    reads_any: torch.Tensor  # [B, T, 1] bool
-
-
-class _PreLayerHook:
-    """Forward pre-hook on a target decoder layer: hidden <- hidden + gated cross-attention update."""
-
-    def __init__(self, fusion: "Fusion", block: int) -> None:
-        self.fusion, self.block = fusion, block
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        context = self.fusion.context
-        if context is None:
-            return None
-        in_kwargs = "hidden_states" in kwargs
-        hidden = kwargs["hidden_states"] if in_kwargs else args[0]
-        layer = self.fusion.blocks[self.block]
-        dtype = layer.q.weight.dtype
-        updated, _ = layer(hidden.to(dtype), context.keys[self.block], context.values[self.block], context.allowed)
-        hidden = torch.where(context.reads_any, updated, hidden.to(dtype)).to(hidden.dtype)
-        if in_kwargs:
-            return args, {**kwargs, "hidden_states": hidden}
-        return (hidden, *args[1:]), kwargs
-
-
-class Fusion(nn.Module):
-    """The gated cross-attention blocks of the fusion topology and where they sit."""
-
-    def __init__(self, d_source: int, d_target: int, target_layers: list[int], source_layers: list[int], heads: int,
-                 adapter_dim: int, gate: str, attention_dropout: float) -> None:
-        super().__init__()
-        if len(source_layers) not in (1, len(target_layers)):
-            raise LLMModulesError(f"source_layers must name one layer or one per fusion block ({len(target_layers)}), "
-                                  f"got {source_layers}")
-        self.target_layers = list(target_layers)
-        self.block_source_layers = list(source_layers) * (len(target_layers) if len(source_layers) == 1 else 1)
-        self.read_layers = tuple(dict.fromkeys(self.block_source_layers))  # unique, in first-use order
-        self.blocks = nn.ModuleList(
-            EnhancedCrossAttentionLayer(d_source, d_target, heads, adapter_dim, gate, attention_dropout)
-            for _ in target_layers
-        )
-        self.context: FusionContext | None = None
-        self._handles: list = []
-
-    def attach(self, target: PreTrainedModel) -> None:
-        """Hook each block in front of its target layer (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
-        layers = decoder_layers(target)
-        bad = [i for i in self.target_layers if not -len(layers) <= i < len(layers)]
-        if bad:
-            raise LLMModulesError(f"fusion_layers {bad} do not exist: the target has {len(layers)} decoder layers")
-        self._handles = [layers[i].register_forward_pre_hook(_PreLayerHook(self, b), with_kwargs=True)
-                         for b, i in enumerate(self.target_layers)]
-
-    def project(self, states: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Source states per read layer [B, S, d_s] -> keys, values per block, each [B, heads, S, head_dim]."""
-        by_layer = dict(zip(self.read_layers, states))
-        keys, values = [], []
-        for block, layer in zip(self.blocks, self.block_source_layers):
-            k, v = block.project_source(by_layer[layer].to(block.k.weight.dtype))
-            keys.append(k)
-            values.append(v)
-        return keys, values
-
-    def gate_values(self) -> list[float]:
-        return [float("nan") if b.last_gate is None else float(b.last_gate) for b in self.blocks]
-
-
-@dataclass(kw_only=True)
-class FusionCache(PointerMemory):
-    """Decoding state of a fusion model.
-
-    target: the target's own KV cache. blocks: per-block source keys/values of every source slot.
-    source: the source's KV cache (sequence memory). slot_valid [B, S]: slots read now (0 = padding or retired).
-    stream: two tokenizers reading along. states: the source's last-layer state per slot (mixture heads).
-    """
-
-    target: DynamicCache
-    blocks: ConnectorCache = field(default_factory=ConnectorCache)
-    source: DynamicCache | None = None
-    slot_valid: torch.Tensor | None = None
-    slot_positions: torch.Tensor | None = None  # [B, S] position of each slot in the source's sequence
-    stream: SourceStream | None = None
-    states: torch.Tensor | None = None
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.target.get_seq_length()
-
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        for cache in (self.target, self.source):
-            if cache is not None:
-                cache.reorder_cache(beam_idx)
-        self.blocks.reorder(beam_idx)
-        self.reorder_pointer(beam_idx)
-        for name in ("slot_valid", "slot_positions", "states"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.index_select(0, beam_idx.to(value.device)))
-        if self.stream is not None:
-            self.stream.reorder(beam_idx.tolist())
-
-
-@dataclass
-class SourceSide:
-    """The source tokens of one forward: ids, mask, positions, tail groups, and n_i per target token."""
-
-    input_ids: torch.LongTensor | None  # [B, S] (None when states come from the source-state cache)
-    attention_mask: torch.Tensor  # [B, S]
-    position_ids: torch.LongTensor  # [B, S]
-    groups: torch.LongTensor  # [B, S]
-    counts: torch.LongTensor  # [B, T]
-
-    @property
-    def has_tails(self) -> bool:
-        return bool(((self.groups != MAIN) & self.attention_mask.bool()).any())
-
-
-def source_side(model, input_ids, attention_mask, inputs: dict) -> SourceSide:
-    """The source tokens a full (non-decoding) forward reads: given by the processor, or derived from the
-    target's ids (so that one-tokenizer tools can drive the model)."""
-    given = {k: inputs.get(k) for k in ("source_input_ids", "source_attention_mask", "source_position_ids",
-                                        "source_groups", "source_counts")}
-    if given["source_input_ids"] is None and given["source_counts"] is None:
-        derived = model.processor.align_ids(input_ids, attention_mask)
-        given = {k: derived[k] for k in given}
-    ids, counts = given["source_input_ids"], given["source_counts"]
-    if counts is None:
-        raise LLMModulesError("source_input_ids came without source_counts; build the inputs with the model's processor "
-                              "(model.processor(texts)) or pass the target's input_ids alone")
-    reference = ids if ids is not None else inputs["source_states"]
-    shape = reference.shape[:2]
-    mask = given["source_attention_mask"]
-    if mask is None:
-        mask = torch.ones(shape, dtype=torch.long, device=reference.device)
-    positions = given["source_position_ids"]
-    if positions is None:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    groups = given["source_groups"]
-    if groups is None:
-        groups = torch.full(shape, MAIN, dtype=torch.long, device=reference.device)
-    return SourceSide(ids, mask, positions, groups, counts)
-
-
-def run_source(source: PreTrainedModel, side: SourceSide, cache: FusionCache | None, layers: tuple[int, ...]
-               ) -> list[torch.Tensor]:
-    """The source's states of every source token of a forward (main tokens and tails): per layer [B, S, d_s]."""
-    self_mask = None
-    if side.has_tails:
-        self_mask = source_self_mask(side.attention_mask, side.groups, group_counts(side.groups, side.counts))
-    return read_source(source, side.input_ids, side.attention_mask, side.position_ids, layers,
-                       cache.source if cache is not None else None, self_mask)
-
-
-def source_view_rows(source: PreTrainedModel, batch: dict[str, torch.Tensor], layers: tuple[int, ...]
-                     ) -> list[torch.Tensor]:
-    """What the source-state cache stores for fusion: per row of a collated batch, [S_i, L, d_s]."""
-    side = SourceSide(batch["source_input_ids"], batch["source_attention_mask"], batch["source_position_ids"],
-                      batch["source_groups"], batch["source_counts"])
-    states = torch.stack(run_source(source, side, None, layers), dim=2)  # [B, S, L, d_s]
-    return [states[row, : int(n)] for row, n in enumerate(side.attention_mask.sum(-1))]
-
-
-def _decode_source_step(model, cache: FusionCache, input_ids: torch.LongTensor, layers: tuple[int, ...]
-                        ) -> list[torch.Tensor] | None:
-    """Sequence memory, one decoding step: the source reads the new text. Returns new slot states (or None)."""
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    if model.processor.shared:
-        new_ids = input_ids
-        new_valid = torch.ones_like(input_ids)
-        new_positions = cache.slot_positions.max(-1, keepdim=True).values + 1 + torch.arange(
-            input_ids.shape[1], device=device)
-    else:
-        start = cache.slot_valid.shape[1]
-        news, positions, retired = cache.stream.step(input_ids.tolist(), start)
-        for row, slots in enumerate(retired):
-            if slots:
-                cache.slot_valid[row, slots] = 0
-        width = max(len(n) for n in news)
-        if width == 0:
-            return None
-        pad = model.processor.source_tokenizer.pad_token_id or 0
-        new_ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
-        new_valid = torch.zeros((batch, width), dtype=torch.long, device=device)
-        new_positions = torch.zeros((batch, width), dtype=torch.long, device=device)
-        for row, (ids, pos) in enumerate(zip(news, positions)):
-            new_ids[row, : len(ids)] = torch.as_tensor(ids, device=device)
-            new_valid[row, : len(ids)] = 1
-            new_positions[row, : len(pos)] = torch.as_tensor(pos, device=device)
-    cache.slot_valid = torch.cat([cache.slot_valid, new_valid], 1)
-    cache.slot_positions = torch.cat([cache.slot_positions, new_positions], 1)
-    return read_source(model.source, new_ids, cache.slot_valid, new_positions, layers, cache.source)
+    logits: torch.Tensor
+    hidden: torch.Tensor | None
+    source_states: torch.Tensor | None
+    cache: FusionCache | None
 
 
 def fusion_forward(model, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, position_ids,
-                   cache: FusionCache | None, use_cache: bool, logits_to_keep: int, inputs: dict):
-    """One forward of a fusion model. Returns (target logits [B, t, V], target last hidden [B, T, d_t] or None,
-    source last-layer states aligned with the target [B, T, d_s] or None, cache).
+                   cache: FusionCache | None, use_cache: bool, logits_to_keep: int, inputs: dict) -> FusionPass:
+    """One forward of a fusion model up to the head.
 
     ``inputs``: the source_* tensors (and ``source_states`` [B, S, L, d_s] from the source-state cache).
     """
     fusion: Fusion = model.fusion
     batch, length = input_ids.shape
     past = cache.get_seq_length() if cache is not None else 0
-    wants_states = model.config.head in ("source_mix", "source_pointer")
-    layers = fusion.read_layers + ((-1,) if wants_states and -1 not in fusion.read_layers else ())
+    wants_states = model.config.head in MIXTURE_HEADS
+    layers = source_read_layers(model)
     if use_cache and cache is None:
         cache = FusionCache(target=DynamicCache(config=model.target.config),
                             source=DynamicCache(config=model.source.config)
@@ -281,11 +87,11 @@ def fusion_forward(model, input_ids: torch.LongTensor, attention_mask: torch.Ten
         columns = torch.arange(length, device=input_ids.device)
         allowed = cross_attention_from_counts(side.attention_mask, side.groups, side.counts, columns, model.config.leaky)
         if cache is not None:
-            _start_decoding(model, cache, side, input_ids, attention_mask)
+            start_decoding(model, cache, side, input_ids, attention_mask)
     else:
         if length != 1 and model.config.memory == "sequence":
             raise LLMModulesError("a fusion model with memory='sequence' decodes one token per step after the prompt")
-        states = _decode_source_step(model, cache, input_ids, layers) if model.config.memory == "sequence" else None
+        states = decode_source_step(model, cache, input_ids, layers) if model.config.memory == "sequence" else None
         allowed = cache.slot_valid.bool()[:, None, :].expand(-1, length, -1)
     keys, values = fusion.project(states[: len(fusion.read_layers)]) if states is not None else ([], [])
     if cache is not None:
@@ -315,25 +121,166 @@ def fusion_forward(model, input_ids: torch.LongTensor, attention_mask: torch.Ten
         if not (getattr(model.target, "is_activation_checkpointing", False) and torch.is_grad_enabled()):
             fusion.context = None
     hidden = output.hidden_states[-1] if wants_states else None  # all new positions (pointer keys need them)
-    return output.logits, hidden, last_states, cache
+    return FusionPass(output.logits, hidden, last_states, cache)
 
 
-def _start_decoding(model, cache: FusionCache, side: SourceSide, input_ids, attention_mask) -> None:
-    """After the prompt: the slots read from now on are the last prompt token's view (its main tokens and tail)."""
-    valid = side.attention_mask.bool()
-    main = (side.groups == MAIN) & valid
-    rank = main.long().cumsum(-1) - 1
-    last = side.counts[:, -1:]  # [B, 1] main tokens the last prompt token reads
-    if model.config.memory == "prompt":
-        now = valid
-    else:
-        now = (main & (rank < last)) | ((side.groups == input_ids.shape[1] - 1) & valid)
-    cache.slot_valid = now.long()
-    cache.slot_positions = side.position_ids.masked_fill(~now, -1)
-    if model.config.memory == "sequence" and not model.processor.shared:
-        ids = side.input_ids.tolist()
-        slots = [[j for j in range(now.shape[1]) if now[b, j]] for b in range(now.shape[0])]
-        valid_ids = [[ids[b][j] for j in row] for b, row in enumerate(slots)]
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        target_ids = [[t for t, m in zip(r, mr) if m] for r, mr in zip(input_ids.tolist(), mask.tolist())]
-        cache.stream = SourceStream(model.processor, target_ids, valid_ids, slots)
+class FusionTopology(Topology):
+    """The target keeps its tokenizer, embeddings and head; blocks before some of its layers read the source."""
+
+    name = "fusion"
+    new_module_prefixes = ("fusion.", "head.")
+    mixture_prefix = "head.mixture."
+
+    def compose_parts(self, source: Any, target: Any, tokenizer: Any, source_tokenizer: Any,
+                      source_config: PreTrainedConfig, target_init: str, options: dict[str, Any]) -> ComposeParts:
+        source_tok = tokenizer_of(source_tokenizer, source, "source")  # the source reads with its own tokenizer
+        target_tok = tokenizer_of(tokenizer, target, "target")
+        body = load_target_lm(target, target_init)
+        text = body.config.get_text_config()
+        options.setdefault("gate", "tanh")
+        options.setdefault("head", "target")
+        options.setdefault("heads", int(text.num_attention_heads))
+        shared = source_tok is None or same_tokenizer(target_tok, source_tok)
+        source_tok = target_tok if source_tok is None else source_tok
+        vocab = int(text.vocab_size)
+        if options.get("head") in MIXTURE_HEADS:
+            check_one_vocabulary(options["head"], target_tok, source_tok, vocab,
+                                 int(source_config.get_text_config().vocab_size))
+            shared = True  # one vocabulary: the source reads the target's ids (processing.py: shared)
+        return ComposeParts(body, target_tok, source_tok, vocab, shared)
+
+    def random_target(self, target_config: PreTrainedConfig) -> PreTrainedModel:
+        return load_target_lm(target_config, "random")
+
+    def saved_target(self, config, target: Any, folder: Path) -> PreTrainedModel:
+        if config.train_target == "all":  # every target weight is saved: its config rebuilds it
+            if target is not None:
+                return load_target_lm(target, "pretrained")
+            return self.random_target(config_from_dict(config.target_config))
+        reference = target if target is not None else config.target_name_or_path
+        if reference is None:
+            raise LLMModulesError(f"{folder}/config.json names no target; pass target=... to from_pretrained")
+        return load_target_lm(reference, "pretrained")
+
+    def build(self, model: nn.Module, config, d_source: int, d_target: int, target: PreTrainedModel) -> None:
+        layers = config.fusion_layers
+        if layers is None:
+            layers = default_fusion_layers(int(target.config.get_text_config().num_hidden_layers), config.fusion_every)
+        model.fusion = Fusion(d_source, d_target, layers, config.source_layers or [-1], config.heads,
+                              config.adapter_dim, config.gate, config.attention_dropout)
+        model.head = self.mixture_head(None, config, d_target, d_source, fallback=TargetHead())
+
+    def attach(self, model: nn.Module) -> None:
+        if model.config.train_target == "lora":
+            add_lora(model.target, model.config)
+        model.fusion.attach(model.target)
+        model.processor = CompositionProcessor(model.tokenizer, model.source_tokenizer, model.config.memory,
+                                               shared=model.config.shared_tokenizer)
+
+    def freeze(self, model: nn.Module) -> None:
+        choice = model.config.train_target
+        if choice == "none":
+            model.target.requires_grad_(False)
+        elif choice == "lora":
+            for name, parameter in model.target.named_parameters():
+                parameter.requires_grad_("lora_" in name)
+
+    def keep_frozen_in_eval(self, model: nn.Module) -> None:
+        if model.config.train_target == "none":
+            model.target.eval()  # frozen as in CALM: the composed model is the target plus the blocks' updates
+
+    def input_embeddings(self, model: nn.Module) -> nn.Module | None:
+        return model.target.get_input_embeddings()
+
+    def output_embeddings(self, model: nn.Module) -> nn.Module | None:
+        return model.target.get_output_embeddings()
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.fusion.blocks
+
+    def new_modules(self, model: nn.Module) -> nn.Module:
+        return model.fusion
+
+    def source_states(self, model, input_ids, attention_mask, position_ids, cache, layers) -> torch.Tensor:
+        return torch.stack(read_source(model.source, input_ids, attention_mask, position_ids,
+                                       layers or source_read_layers(model), cache), dim=2)
+
+    def forward(self, model, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                output_attentions, inputs) -> TopologyOutput:
+        run = fusion_forward(model, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep, inputs)
+        hidden = run.hidden
+        if hidden is not None and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits, head_logits = model.head(HeadInputs(hidden, run.hidden, run.logits, run.source_states, attention_mask,
+                                                    run.cache, model.source_logits))
+        return TopologyOutput(logits, head_logits, run.cache)
+
+    def before_generate(self, model: nn.Module, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
+        # without a cache each step recomputes the whole sequence: a fixed prompt memory must be given up front
+        if (input_ids is not None and kwargs.get("source_counts") is None and model.config.memory == "prompt"
+                and not kwargs.get("use_cache", True)):
+            kwargs.update(model.processor.align_ids(input_ids, kwargs.get("attention_mask")))
+
+    def step_inputs(self, model: nn.Module, cache: Any, source_inputs: dict[str, Any]) -> dict[str, Any]:
+        started = cache is not None and cache.get_seq_length() > 0
+        uncached_sequence = cache is None and model.config.memory == "sequence"
+        if started or uncached_sequence:
+            return {}
+        # the first step, or recomputing with a fixed prompt memory
+        return {k: v for k, v in source_inputs.items() if v is not None}
+
+    def after_step(self, model: nn.Module, model_kwargs: dict[str, Any]) -> None:
+        counts = model_kwargs.get("source_counts")
+        if counts is not None and model.config.memory == "prompt":
+            # recomputing with prompt memory: each new token reads the whole prompt
+            whole = model_kwargs["source_attention_mask"].sum(-1, keepdim=True).to(counts.dtype)
+            model_kwargs["source_counts"] = torch.cat([counts, whole], dim=1)
+
+    def check_saveable(self, model: nn.Module) -> None:
+        if model.config.train_target != "all" and not model.config.target_name_or_path:
+            raise LLMModulesError("the fusion target was given as an in-memory model; save it with "
+                                  "target.save_pretrained(DIR) and compose from DIR, so the saved model can reference it")
+
+    def save_extra(self, model: nn.Module, folder: Path) -> None:
+        if not model.config.shared_tokenizer:
+            model.source_tokenizer.save_pretrained(folder / SOURCE_TOKENIZER_FOLDER)
+
+    def describe(self, config) -> str:
+        return (f"fusion (the target keeps its tokenizer and head; memory `{config.memory}`, target weights trained: "
+                f"`{config.train_target}`); gated cross-attention blocks before target layers "
+                f"{config.fusion_layers or f'every {config.fusion_every}'}, reading source layers "
+                f"{config.source_layers or [-1]}, {config.heads} heads,")
+
+
+SOURCE_TOKENIZER_FOLDER = "source_tokenizer"
+
+
+def check_one_vocabulary(head: str, target_tok: PreTrainedTokenizerBase, source_tok: PreTrainedTokenizerBase,
+                         target_rows: int, source_rows: int) -> None:
+    """A mixture head mixes the source's next-token distribution into the target's: every id both output heads can
+    produce must name the same token (``vocabulary_differences``). How each tokenizer splits text does not matter:
+    the source reads the target's ids as they are."""
+    differences = vocabulary_differences(target_tok, source_tok, target_rows, source_rows)
+    if differences:
+        raise LLMModulesError(
+            f"head={head!r} mixes in the source's next-token distribution, which needs one vocabulary over the ids "
+            f"both heads produce ({target_rows} target, {source_rows} source rows); these tokenizers differ (the first "
+            f"differing ids: {describe_differences(differences, 'target', 'source')}). Use head='target', or a source "
+            "and target built on one tokenizer")
+
+
+def add_lora(target: PreTrainedModel, config) -> None:
+    """LoRA adapters in the target's linear layers, through PEFT (injected in place: the target stays itself)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = config.lora_target_modules
+    if modules is None:  # PEFT's per-architecture defaults (attention projections)
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        modules = defaults.get(target.config.model_type)
+        if modules is None:
+            raise LLMModulesError(f"no default LoRA modules for a {target.config.model_type} target; "
+                                  "set lora_target_modules (e.g. ['q_proj', 'v_proj'])")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(modules))
+    inject_adapter_in_model(lora, target)

@@ -134,3 +134,114 @@ class SourceMixture(nn.Module):
         weights = MIX_FLOOR + (1 - len(paths) * MIX_FLOOR) * weights
         log_weights = torch.log(weights)  # [B, t, paths]
         return torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
+
+
+# ------------------------------------------------------------------------------------------ output heads
+@dataclass
+class HeadInputs:
+    """What an output head reads at one forward.
+
+    hidden [B, t, d_t]: the target's last states at the positions that get logits (the last t of T new positions);
+    full_hidden [B, T, d_t]: at every new position (the pointer's keys need them); base_logits [B, t, V]: the
+    target's own logits (fusion), None for the bridge; source_states [B, T, d_s]: the source's last layer at each
+    new position (mixture heads), else None; attention_mask [B, past + T]; cache: the decoding cache (its pointer
+    memory); source_logits: source states [.., d_s] -> fp32 logits [.., V] through the frozen source's own head.
+    """
+
+    hidden: torch.Tensor
+    full_hidden: torch.Tensor | None
+    base_logits: torch.Tensor | None
+    source_states: torch.Tensor | None
+    attention_mask: torch.Tensor
+    cache: PointerMemory | None
+    source_logits: Callable[[torch.Tensor], torch.Tensor]
+
+
+class OutputHead(nn.Module):
+    """Turns ``HeadInputs`` into (logits [B, t, V], the base head's own logits or None). A head owns its weights."""
+
+    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @property
+    def output_embeddings(self) -> nn.Module | None:
+        """The linear layer that produces token logits, where the head has one of its own."""
+        return None
+
+
+class NewTokenHead(OutputHead):
+    """``new`` (bridge, the release): a fresh linear head over the source's vocabulary.
+
+    The head is sized by the tokenizer, which can hold more entries than the source embeds (a reloaded Qwen2
+    tokenizer adds <|endoftext|>); the bridge feeds its tokens back to the source, so ids the source cannot read get
+    -inf and are never sampled (without this, sampling one crashed the source)."""
+
+    def __init__(self, d_target: int, vocab_size: int, readable: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_target, vocab_size, bias=False)
+        self.readable = readable
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [B, t, d_t] -> [B, t, V], unreadable ids at the dtype's minimum."""
+        logits = self.linear(hidden.to(self.linear.weight.dtype))
+        if logits.shape[-1] <= self.readable:
+            return logits
+        return logits.index_fill(-1, torch.arange(self.readable, logits.shape[-1], device=logits.device),
+                                 torch.finfo(logits.dtype).min)
+
+    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
+        return self.logits(inputs.hidden), None
+
+    @property
+    def output_embeddings(self) -> nn.Module:
+        return self.linear
+
+
+class SourceProjectionHead(OutputHead):
+    """``source`` (bridge): a learned d_t -> d_s projection into the source's frozen output head."""
+
+    def __init__(self, d_target: int, d_source: int) -> None:
+        super().__init__()
+        self.projection = nn.Linear(d_target, d_source, bias=False)
+
+    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
+        return inputs.source_logits(self.projection(inputs.hidden.to(self.projection.weight.dtype))), None
+
+
+class TargetHead(OutputHead):
+    """``target`` (fusion): the target's own head, as it is (its logits come from the target's forward)."""
+
+    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
+        return inputs.base_logits, None
+
+
+class MixtureHead(OutputHead):
+    """``source_mix`` / ``source_pointer``: the base head's distribution mixed with the source's (``SourceMixture``).
+
+    The base is the new head (bridge) or the target's own head (fusion, ``base=None``). Returns the mixed
+    log-probabilities and the base head's logits (training adds their cross-entropy: ``loss.composed_lm_loss``)."""
+
+    def __init__(self, base: NewTokenHead | None, d_target: int, d_source: int, pointer: bool, confidence: bool) -> None:
+        super().__init__()
+        self.base = base
+        self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence)
+
+    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = inputs.hidden
+        base = (self.base.logits(hidden) if self.base is not None else inputs.base_logits).float()
+        states = inputs.source_states
+        pointer = None
+        if self.mixture.pointer:
+            full = inputs.full_hidden
+            # keys are projected once per position and cached projected: a decode step projects only its own
+            keys = self.mixture.pointer_keys(full, states[:, -full.shape[1]:])
+            all_states = states
+            if inputs.cache is not None:
+                keys, all_states = inputs.cache.extend_pointer(keys, states)
+            pointer = (keys, all_states, inputs.attention_mask)
+        mixed = self.mixture(hidden, base, inputs.source_logits, states[:, -hidden.shape[1]:], pointer)
+        return mixed, base
+
+    @property
+    def output_embeddings(self) -> nn.Module | None:
+        return None if self.base is None else self.base.output_embeddings

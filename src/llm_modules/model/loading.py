@@ -253,6 +253,17 @@ def load_tokenizer(name: ModelLike | PreTrainedTokenizerBase | None, role: str =
     return tokenizer
 
 
+def tokenizer_of(given: object, model_ref: object, role: str) -> PreTrainedTokenizerBase | None:
+    """A tokenizer given as an object or path, else the one saved beside ``model_ref`` (None if neither)."""
+    if isinstance(given, PreTrainedTokenizerBase):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        return load_tokenizer(str(given), role)
+    if model_ref is None or isinstance(model_ref, PreTrainedConfig):
+        return None
+    return load_tokenizer(model_ref, role)
+
+
 def check_safetensors(path: str | os.PathLike) -> None:
     """Raise LLMModulesError naming ``path`` unless it is a whole safetensors file.
 

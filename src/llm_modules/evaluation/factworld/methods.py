@@ -309,7 +309,7 @@ def _apply_harness_options(model: LLMModulesForCausalLM, target: PreTrainedModel
     if harness["train_target"] == "none":
         model.target.requires_grad_(False)
     if harness["head_init"] == "target":
-        head, own = getattr(model, "lm_head", None), target.get_output_embeddings()
+        head, own = model.get_output_embeddings(), target.get_output_embeddings()
         if head is None or own is None or head.weight.shape != own.weight.shape:
             raise LLMModulesError(
                 f"head_init='target' needs a new head shaped like the target's output head ({model.config.head!r} head: "

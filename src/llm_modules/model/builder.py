@@ -1,35 +1,21 @@
-"""Building a composed model: the topology chosen once, and ``compose()`` from hub ids, folders or loaded models."""
+"""Building a composed model: ``compose()`` from hub ids, folders or loaded models."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
-from .bridge import BridgeTopology
 from .configuration import ComposeOptions, LLMModulesConfig
-from .fusion import FusionTopology
 from .loading import ModelLike, load_causal_lm, load_config
-from .topology import Topology
-
-if TYPE_CHECKING:
-    from .modeling import LLMModulesForCausalLM
-
-TOPOLOGIES: dict[str, Topology] = {"bridge": BridgeTopology(), "fusion": FusionTopology()}
-
-
-def topology_for(name: str) -> Topology:
-    """The one place a topology's name is turned into its behaviour."""
-    if name not in TOPOLOGIES:
-        raise LLMModulesError(f"topology={name!r} is not supported; choose one of {', '.join(TOPOLOGIES)}")
-    return TOPOLOGIES[name]
+from .topologies import topology_for
 
 
 def compose_model(
-    cls: type[LLMModulesForCausalLM],
+    cls: type[PreTrainedModel],
     source: ModelLike | None,
     target: ModelLike | PreTrainedConfig,
     tokenizer: PreTrainedTokenizerBase | str | None,
@@ -39,7 +25,7 @@ def compose_model(
     source_dtype: str | None,
     target_init: str,
     options: dict[str, Any],
-) -> LLMModulesForCausalLM:
+) -> PreTrainedModel:
     """``LLMModulesForCausalLM.compose`` (its docstring says what each argument is)."""
     options = ComposeOptions.from_mapping({**options, "target_init": target_init}).to_kwargs()
     target_init = options.pop("target_init")

@@ -24,7 +24,9 @@ Gate = Literal["sigmoid", "tanh"]
 Head = Literal["new", "source", "target", "source_mix", "source_pointer"]
 Memory = Literal["prompt", "sequence"]
 TrainTarget = Literal["none", "all", "lora"]
-MixtureGate = Literal["state", "confidence"]  # what a mixture head's gate reads (model/heads.py)
+# what a mixture head's gate reads (model/heads.py): the target's state; also how sure each path is; or the state and
+# how sure the target alone is (with "state", a gate that can decide before the source runs: model/deferral.py)
+MixtureGate = Literal["state", "confidence", "target_confidence"]
 
 TOPOLOGIES: tuple[str, ...] = typing.get_args(Topology)
 TARGET_INITS: tuple[str, ...] = typing.get_args(TargetInit)
@@ -35,6 +37,7 @@ FUSION_HEADS = ("target", "source_mix", "source_pointer")
 MEMORIES: tuple[str, ...] = typing.get_args(Memory)
 TRAIN_TARGETS: tuple[str, ...] = typing.get_args(TrainTarget)
 MIXTURE_GATES: tuple[str, ...] = typing.get_args(MixtureGate)
+TARGET_ONLY_GATES = ("state", "target_confidence")
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:
@@ -81,6 +84,9 @@ class ComposeOptions:
     lora_alpha: int = field(default=32, metadata=_only("fusion"))
     lora_dropout: float = field(default=0.0, metadata=_only("fusion"))
     lora_target_modules: list[str] | None = field(default=None, metadata=_only("fusion"))
+    # η of deferral decoding (model/deferral.py): the source runs only where the gate's source weight >= η; None: at
+    # every position. Needs a mixture head, a gate that reads the target alone and fusion_layers: []
+    defer_threshold: float | None = field(default=None, metadata=_only("fusion"))
 
     def __post_init__(self) -> None:
         hints = _option_hints()
@@ -150,6 +156,25 @@ def _check_value(name: str, value: Any, hint: Any) -> None:
         raise LLMModulesError(f"{name}={value!r} is not supported; expected {hint.__name__}")
 
 
+def check_can_defer(config) -> None:
+    """The error a user can act on, where a composition cannot decide before the source runs."""
+    threshold = config.defer_threshold
+    if threshold is None:
+        return
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise LLMModulesError(f"defer_threshold must be in [0, 1] (the gate's source weight), got {threshold!r}")
+    if config.topology != "fusion" or config.head not in ("source_mix", "source_pointer"):
+        raise LLMModulesError("defer_threshold needs topology='fusion' with head='source_mix' or 'source_pointer': "
+                              "deferral decides whether to mix in the source's next-token distribution")
+    if config.mixture_gate not in TARGET_ONLY_GATES:
+        raise LLMModulesError(f"defer_threshold needs a gate that reads only the target (mixture_gate='state' or "
+                              f"'target_confidence'); mixture_gate={config.mixture_gate!r} reads the source's "
+                              "distribution, which deferral must decide without")
+    if config.fusion_layers != []:
+        raise LLMModulesError("defer_threshold: cross-attention blocks that read the source along the sequence need it "
+                              "at every step, so deferral cannot skip it; use fusion_layers=[] (the mixture gate alone)")
+
+
 class LLMModulesConfig(PreTrainedConfig):
     """Configuration of a source -> Enhanced Cross-Attention -> target composition.
 
@@ -198,6 +223,7 @@ class LLMModulesConfig(PreTrainedConfig):
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
     shared_tokenizer: bool | None = None
+    defer_threshold: float | None = None
 
     def __post_init__(self, **kwargs):
         _check_choice("topology", self.topology, TOPOLOGIES)
@@ -217,6 +243,7 @@ class LLMModulesConfig(PreTrainedConfig):
         if self.topology == "fusion" and self.target_init == "random" and self.train_target != "all":
             raise LLMModulesError("a randomly initialised fusion target must train: use train_target='all' "
                                   "(or target_init='pretrained')")
+        check_can_defer(self)
         for name in ("connector_layers", "heads", "adapter_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "connector_layers" else 1):

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from .deferral import DeferralState, deferred_forward
 from .fusion_blocks import Fusion, FusionContext, decoder_layers, default_fusion_layers
 from .fusion_reading import (
     FusionCache,
@@ -207,12 +208,20 @@ class FusionTopology(Topology):
 
     def forward(self, model, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
                 output_attentions, inputs) -> TopologyOutput:
+        threshold = None if model.training else model.config.defer_threshold
+        if threshold is not None and use_cache:  # deferral decoding: the source runs only where the gate asks
+            if cache is None:
+                cache = FusionCache(target=DynamicCache(config=model.target.config),
+                                    deferral=DeferralState(DynamicCache(config=model.source.config)))
+            model.last_deferral = cache.deferral
+            return TopologyOutput(deferred_forward(model, input_ids, attention_mask, position_ids, cache,
+                                                   logits_to_keep), None, cache)
         run = fusion_forward(model, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep, inputs)
         hidden = run.hidden
         if hidden is not None and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits, head_logits = model.head(HeadInputs(hidden, run.hidden, run.logits, run.source_states, attention_mask,
-                                                    run.cache, model.source_logits))
+                                                    run.cache, model.source_logits, threshold))
         return TopologyOutput(logits, head_logits, run.cache)
 
     def before_generate(self, model: nn.Module, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from ..errors import LLMModulesError
 from .connector import ConnectorCache
+from .deferral import DeferralState
 from .heads import MIXTURE_HEADS, PointerMemory
 from .masks import positions_from_padding
 from .processing import MAIN, SourceStream, group_counts, source_self_mask
@@ -37,6 +38,7 @@ class FusionCache(PointerMemory):
     slot_positions: torch.Tensor | None = None  # [B, S] position of each slot in the source's sequence
     stream: SourceStream | None = None
     states: torch.Tensor | None = None
+    deferral: DeferralState | None = None  # deferral decoding (deferral.py): the source runs only where asked
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.target.get_seq_length()
@@ -53,6 +55,8 @@ class FusionCache(PointerMemory):
                 setattr(self, name, value.index_select(0, beam_idx.to(value.device)))
         if self.stream is not None:
             self.stream.reorder(beam_idx.tolist())
+        if self.deferral is not None:
+            self.deferral.reorder(beam_idx)
 
 
 @dataclass

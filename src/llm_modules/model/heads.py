@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import LLMModulesError
+
 MIX_FLOOR = 0.05  # every path of a mixture keeps at least this weight
 POINTER_DIM = 64  # query/key width of the pointer attention
 MIXTURE_HEADS = ("source_mix", "source_pointer")
@@ -66,13 +68,17 @@ class PointerMemory:
 class SourceMixture(nn.Module):
     """The gate (and pointer) of a mixture head; the distributions it mixes come from the caller."""
 
-    def __init__(self, d_target: int, d_source: int, pointer: bool, confidence: bool = False) -> None:
+    def __init__(self, d_target: int, d_source: int, pointer: bool, confidence: bool = False,
+                 target_only: bool = False) -> None:
         super().__init__()
         self.pointer = pointer
         self.confidence = confidence
+        self.target_only = target_only  # the gate reads the target alone (its state and, with confidence, its own)
         paths = 3 if pointer else 2
+        read_paths = 1 if target_only else paths
         # source_mix: one logit (sigmoid, starts at 0.5); source_pointer: softmax over [here, pointed, base].
-        self.mix_gate = nn.Linear(d_target + (CONFIDENCE_FEATURES * paths if confidence else 0), paths if pointer else 1)
+        self.mix_gate = nn.Linear(d_target + (CONFIDENCE_FEATURES * read_paths if confidence else 0),
+                                  paths if pointer else 1)
         if pointer:
             # Queries from the target's stream (which knows where in the format it is); keys from both streams:
             # the source's state says "a fact's value comes next" whatever the entity's name, where the target's
@@ -99,6 +105,37 @@ class SourceMixture(nn.Module):
         weights = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1)
         return weights.to(states.dtype) @ states
 
+    def weights(self, hidden: torch.Tensor, paths: list[torch.Tensor]) -> torch.Tensor:
+        """The mixture's weights [B, t, paths] (the base path last), each >= MIX_FLOOR. hidden [B, t, d_t]; paths:
+        log-probabilities [B, t, V] (a gate that reads the target alone reads only the last, the base head's)."""
+        # Every weight kept >= MIX_FLOOR: a gate that saturates where the source is usually right cuts the base
+        # head's gradient at the positions where the source is wrong (measured in the fact world: the trace's
+        # format tokens after the thought never got learned). The floor alone was not enough with three paths:
+        # the gate kept choosing the source where the barely trained new head was worse (the training loss
+        # stalled at 0.28, -log 0.5 on format tokens), so training also adds the base head's own cross-entropy
+        # (the model returns head_logits for that).
+        gate_input = hidden.to(self.mix_gate.weight.dtype)
+        if self.confidence:  # no gradient flows into the paths through their confidence
+            read = paths[-1:] if self.target_only else paths
+            features = torch.cat([confidence_features(path.detach()) for path in read], -1)
+            gate_input = torch.cat([gate_input, features.to(gate_input.dtype)], -1)
+        logits = self.mix_gate(gate_input).float()
+        count = 3 if self.pointer else 2
+        if count == 2:
+            weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
+        else:
+            weights = logits.softmax(-1)  # [B, t, 3]
+        return MIX_FLOOR + (1 - count * MIX_FLOOR) * weights
+
+    def source_weight(self, hidden: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tensor:
+        """[B, t]: the weight the mixture gives the source's paths, from the target alone (deferral decides on it).
+        hidden [B, t, d_t], base_log_probs [B, t, V]. Only a gate that reads the target alone can answer this."""
+        if not self.target_only:
+            raise LLMModulesError("this mixture gate reads the source's distribution: it cannot decide before the "
+                                  "source runs (mixture_gate='state' or 'target_confidence' can)")
+        paths = [base_log_probs] * (3 if self.pointer else 2)  # only the last (base) is read
+        return 1.0 - self.weights(hidden, paths)[..., -1]
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -116,23 +153,7 @@ class SourceMixture(nn.Module):
         if self.pointer:
             paths.append(source_logits(self.point(hidden, *pointer)).log_softmax(-1))
         paths.append(base_logits.float().log_softmax(-1))
-        # Every weight kept >= MIX_FLOOR: a gate that saturates where the source is usually right cuts the base
-        # head's gradient at the positions where the source is wrong (measured in the fact world: the trace's
-        # format tokens after the thought never got learned). The floor alone was not enough with three paths:
-        # the gate kept choosing the source where the barely trained new head was worse (the training loss
-        # stalled at 0.28, -log 0.5 on format tokens), so training also adds the base head's own cross-entropy
-        # (the model returns head_logits for that).
-        gate_input = hidden.to(self.mix_gate.weight.dtype)
-        if self.confidence:  # [B, t, d_t + 2 * paths]; no gradient flows into the paths through their confidence
-            features = torch.cat([confidence_features(path.detach()) for path in paths], -1)
-            gate_input = torch.cat([gate_input, features.to(gate_input.dtype)], -1)
-        logits = self.mix_gate(gate_input).float()
-        if len(paths) == 2:
-            weights = torch.cat([torch.sigmoid(logits), torch.sigmoid(-logits)], -1)
-        else:
-            weights = logits.softmax(-1)  # [B, t, 3]
-        weights = MIX_FLOOR + (1 - len(paths) * MIX_FLOOR) * weights
-        log_weights = torch.log(weights)  # [B, t, paths]
+        log_weights = torch.log(self.weights(hidden, paths))  # [B, t, paths]
         return torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
 
 
@@ -155,6 +176,7 @@ class HeadInputs:
     attention_mask: torch.Tensor
     cache: PointerMemory | None
     source_logits: Callable[[torch.Tensor], torch.Tensor]
+    defer_threshold: float | None = None  # η of deferral decoding (evaluation only; a mixture head reads it)
 
 
 class OutputHead(nn.Module):
@@ -221,10 +243,11 @@ class MixtureHead(OutputHead):
     The base is the new head (bridge) or the target's own head (fusion, ``base=None``). Returns the mixed
     log-probabilities and the base head's logits (training adds their cross-entropy: ``loss.composed_lm_loss``)."""
 
-    def __init__(self, base: NewTokenHead | None, d_target: int, d_source: int, pointer: bool, confidence: bool) -> None:
+    def __init__(self, base: NewTokenHead | None, d_target: int, d_source: int, pointer: bool, confidence: bool,
+                 target_only: bool = False) -> None:
         super().__init__()
         self.base = base
-        self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence)
+        self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence, target_only=target_only)
 
     def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = inputs.hidden
@@ -240,6 +263,10 @@ class MixtureHead(OutputHead):
                 keys, all_states = inputs.cache.extend_pointer(keys, states)
             pointer = (keys, all_states, inputs.attention_mask)
         mixed = self.mixture(hidden, base, inputs.source_logits, states[:, -hidden.shape[1]:], pointer)
+        if inputs.defer_threshold is not None:  # deferral (deferral.py): below η the target's own distribution
+            base_log_probs = base.log_softmax(-1)
+            calls = self.mixture.source_weight(hidden, base_log_probs) >= inputs.defer_threshold
+            mixed = torch.where(calls[..., None], mixed, base_log_probs)
         return mixed, base
 
     @property

@@ -26,13 +26,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, Pre
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import LLMModulesError
-from .builder import compose_model, topology_for
+from .builder import compose_model
 from .configuration import LLMModulesConfig
 from .decoding import ComposedGenerationMixin
 from .loading import ModelLike, config_from_dict
 from .loss import composed_lm_loss
 from .masks import positions_from_padding
 from .serialization import load_composed, save_composed
+from .topologies import topology_for
 
 # Families whose learned absolute position table is a hard length limit.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "opt")

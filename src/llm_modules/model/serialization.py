@@ -10,19 +10,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel
 
 from ..errors import LLMModulesError
 from .configuration import LLMModulesConfig
 from .fusion import SOURCE_TOKENIZER_FOLDER
 from .loading import ModelLike, check_safetensors, load_causal_lm, load_tokenizer, resolve_dtype
-
-if TYPE_CHECKING:
-    from .modeling import LLMModulesForCausalLM
+from .topologies import topology_for
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -44,7 +42,7 @@ def rename_legacy_keys(state: dict[str, torch.Tensor], config: LLMModulesConfig)
     return renamed
 
 
-def save_composed(model: LLMModulesForCausalLM, save_directory: str | os.PathLike,
+def save_composed(model: PreTrainedModel, save_directory: str | os.PathLike,
                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write config, trainable weights, tokenizer(s), generation config and a model card into ``save_directory``."""
     folder = Path(save_directory)
@@ -69,12 +67,10 @@ def save_composed(model: LLMModulesForCausalLM, save_directory: str | os.PathLik
     (folder / "README.md").write_text(card)
 
 
-def load_composed(cls: type[LLMModulesForCausalLM], name: str | os.PathLike, config: LLMModulesConfig | None,
+def load_composed(cls: type[PreTrainedModel], name: str | os.PathLike, config: LLMModulesConfig | None,
                   source: ModelLike | None, target: ModelLike | None, load_source: bool,
-                  kwargs: dict[str, Any]) -> LLMModulesForCausalLM:
+                  kwargs: dict[str, Any]) -> PreTrainedModel:
     """Rebuild a saved composed model (``LLMModulesForCausalLM.from_pretrained``)."""
-    from .builder import topology_for
-
     folder = local_folder(name, kwargs.get("revision"))
     if not isinstance(config, LLMModulesConfig):
         config = LLMModulesConfig.from_pretrained(folder)

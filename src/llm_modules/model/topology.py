@@ -17,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from .configuration import TARGET_ONLY_GATES
 from .heads import MIXTURE_HEADS, MixtureHead, OutputHead
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ class Topology:
         if config.source_layer != -1:
             raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
         return MixtureHead(base, d_target, d_source, pointer=config.head == "source_pointer",
-                           confidence=config.mixture_gate == "confidence")
+                           confidence=config.mixture_gate in ("confidence", "target_confidence"),
+                           target_only=config.mixture_gate in TARGET_ONLY_GATES)
 
     # --------------------------------------------------------------------------------------- reading
     def input_embeddings(self, model: nn.Module) -> nn.Module | None:

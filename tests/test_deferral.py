@@ -1,0 +1,135 @@
+"""Deferral decoding (model/deferral.py): the source runs only where a gate that reads the target alone asks.
+
+The laws: η = 0 is the every-token mixture; a chunked catch-up leaves the source's cache exactly as running it at
+every step; cached decoding equals recomputing; rows of a batch decide on their own; a saved model defers as
+trained; a combination that cannot defer says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from llm_modules import LLMModulesError, LLMModulesForCausalLM
+from llm_modules.model.source import read_source
+
+PROMPTS = ["The quick brown fox", "A small model reads"]
+DEFER = dict(topology="fusion", memory="sequence", head="source_mix", fusion_layers=[], adapter_dim=16,
+             attention_dropout=0.0)
+
+
+def compose(model_folder, tokenizer, **options):
+    torch.manual_seed(0)
+    model = LLMModulesForCausalLM.compose(model_folder("qwen2", hidden=48), model_folder("llama", seed=1),
+                                          tokenizer=tokenizer, **{**DEFER, **options}).eval()
+    with torch.no_grad():  # a gate that varies with the target's state and confidence, so that η splits positions
+        model.head.mixture.mix_gate.weight.normal_(0, 0.5)
+    return model
+
+
+def inputs(tokenizer, prompts=PROMPTS):
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True)
+
+
+def generate(model, batch, threshold, **extra):
+    model.config.defer_threshold = threshold
+    return model.generate(**batch, max_new_tokens=8, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, **extra)
+
+
+def weights_seen(model, batch) -> torch.Tensor:
+    """The gate's source weight at every position of a teacher-forced pass over the prompts."""
+    model.config.defer_threshold = None
+    with torch.no_grad():
+        output = model.target(**batch, output_hidden_states=True)
+        return model.head.mixture.source_weight(output.hidden_states[-1], output.logits.float().log_softmax(-1))
+
+
+@pytest.mark.parametrize("gate", ["state", "target_confidence"])
+def test_threshold_zero_is_the_every_token_mixture(model_folder, tokenizer, gate):
+    model = compose(model_folder, tokenizer, mixture_gate=gate)
+    batch = inputs(tokenizer)
+    every = generate(model, batch, None)
+    deferred = generate(model, batch, 0.0)
+    assert torch.equal(every.sequences, deferred.sequences)
+    for a, b in zip(every.scores, deferred.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    report = model.last_deferral.report()
+    assert [r["source_position_fraction"] for r in report] == [1.0, 1.0]
+    assert report[0]["source_calls"] == 8  # the prompt, then one per new token
+
+
+def test_catch_up_leaves_the_source_cache_as_running_at_every_step(model_folder, tokenizer):
+    model = compose(model_folder, tokenizer)
+    batch = inputs(tokenizer)
+    ids, mask = batch.input_ids, batch.attention_mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    stepwise, chunked = DynamicCache(config=model.source.config), DynamicCache(config=model.source.config)
+    with torch.no_grad():
+        steps = [read_source(model.source, ids[:, i:i + 1], mask[:, :i + 1], positions[:, i:i + 1], (-1,), stepwise)[0]
+                 for i in range(ids.shape[1])]
+        head = read_source(model.source, ids[:, :2], mask[:, :2], positions[:, :2], (-1,), chunked)[0]
+        tail = read_source(model.source, ids[:, 2:], mask, positions[:, 2:], (-1,), chunked)[0]
+    torch.testing.assert_close(torch.cat([head, tail], 1), torch.cat(steps, 1), rtol=1e-5, atol=1e-5)
+    for layer in range(len(stepwise.layers)):
+        torch.testing.assert_close(chunked.layers[layer].keys, stepwise.layers[layer].keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(chunked.layers[layer].values, stepwise.layers[layer].values, rtol=1e-5, atol=1e-5)
+
+
+def split_threshold(model, batch) -> float:
+    """An η that splits the decoded positions: the median source weight over the tokens η = 0 decodes."""
+    sequences = generate(model, batch, 0.0).sequences
+    mask = torch.cat([batch.attention_mask, torch.ones_like(sequences[:, batch.input_ids.shape[1]:])], 1)
+    weights = weights_seen(model, {"input_ids": sequences, "attention_mask": mask})
+    return float(weights[:, batch.input_ids.shape[1] - 1:-1].median())
+
+
+@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
+def test_deferring_some_positions_equals_recomputing_with_the_source_everywhere(model_folder, tokenizer, head):
+    """Cached deferral (the source reads only when asked, in chunks) gives the same tokens and scores as the
+    uncached forward, where the source reads everything and the gate's choice is applied afterwards."""
+    model = compose(model_folder, tokenizer, head=head, mixture_gate="target_confidence")
+    for batch in (inputs(tokenizer), inputs(tokenizer, PROMPTS[:1])):
+        threshold = split_threshold(model, batch)
+        cached = generate(model, batch, threshold)
+        report = model.last_deferral.report()
+        recomputed = generate(model, batch, threshold, use_cache=False)
+        assert torch.equal(cached.sequences, recomputed.sequences)
+        for a, b in zip(cached.scores, recomputed.scores):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        fractions = [r["source_position_fraction"] for r in report]
+        assert 0.0 < sum(fractions) / len(fractions) < 1.0, fractions  # the threshold split the positions
+    assert report[0]["source_calls"] < report[0]["positions"]  # one row: the source skipped the steps it was not asked
+
+
+def test_rows_of_a_batch_defer_independently(model_folder, tokenizer):
+    model = compose(model_folder, tokenizer, mixture_gate="target_confidence")
+    batch = inputs(tokenizer)
+    threshold = split_threshold(model, batch)
+    together = generate(model, batch, threshold).sequences
+    for row, prompt in enumerate(PROMPTS):
+        alone = generate(model, inputs(tokenizer, [prompt]), threshold).sequences[0]
+        assert torch.equal(together[row][-len(alone):], alone)
+
+
+def test_a_saved_model_defers_as_trained(model_folder, tokenizer, tmp_path):
+    model = compose(model_folder, tokenizer, mixture_gate="target_confidence", defer_threshold=0.5)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = LLMModulesForCausalLM.from_pretrained(tmp_path / "saved")
+    assert loaded.config.defer_threshold == 0.5
+    batch = inputs(tokenizer)
+    expected = generate(model, batch, 0.5).sequences
+    got = loaded.generate(**batch, max_new_tokens=8, do_sample=False)  # no extra argument
+    assert torch.equal(got, expected) and loaded.last_deferral is not None
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(mixture_gate="confidence"), "reads only the target"),
+    (dict(fusion_layers=None), "fusion_layers=\\[\\]"),
+    (dict(head="target", memory="prompt"), "head='source_mix' or 'source_pointer'"),
+    (dict(defer_threshold=1.5), "in \\[0, 1\\]"),
+])
+def test_a_combination_that_cannot_defer_says_why(model_folder, tokenizer, options, message):
+    with pytest.raises(LLMModulesError, match=message):
+        compose(model_folder, tokenizer, **{"defer_threshold": 0.5, **options})

@@ -2,14 +2,15 @@
 
     python benchmarks/bench.py --shapes paper --device cpu --quick     # this is `llm-modules bench ...`
 
-See benchmarks/README.md for what each number means.
+The code is the package beside this script, ``benchmarks/composed_bench``. See benchmarks/README.md for what
+each number means.
 """
 
 from __future__ import annotations
 
 import sys
 
-from llm_modules.bench import bench_main
+from composed_bench.main import bench_main
 
 if __name__ == "__main__":
     raise SystemExit(bench_main(sys.argv[1:]))

@@ -33,7 +33,8 @@ import httpx
 import psutil
 
 import llm_modules
-from llm_modules.bench import git_commit, machine_description
+
+from composed_bench.machine import git_commit, machine_description
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = "the quick brown fox jumps over a lazy dog while a small model learns from a large one".split()

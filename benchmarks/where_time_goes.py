@@ -3,7 +3,7 @@
     python benchmarks/where_time_goes.py decode --threads 1     # cached decode step vs release recompute step
     python benchmarks/where_time_goes.py train --threads 1      # training step with / without the source-state cache
 
-Same models, shapes and inputs as ``llm-modules bench`` (llm_modules.bench). Writes
+Same models, shapes and inputs as ``llm-modules bench`` (benchmarks/composed_bench). Writes
 benchmarks/results/profile-{decode,train}-{device}-{dtype}.txt: per-stage wall times (forward hooks on
 source / connector / target / head; forward, backward and optimizer timed apart), the top operators
 by self time from torch.profiler, and the weight/optimizer/activation bytes of each training config.
@@ -24,24 +24,16 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from llm_modules.bench import (
-    GIB,
-    autocast,
-    compose,
-    copy_bandwidth,
-    decode_weight_bytes,
-    embedding_tables,
-    make_plan,
-    random_causal_lm,
-    random_ids,
-    recompute_step,
-    source_config,
-    synchronize,
-    train_flops,
-    train_inputs,
-    train_model,
-    weight_bytes,
-)
+from composed_bench.bound import copy_bandwidth, decode_weight_bytes
+from composed_bench.inputs import random_ids
+from composed_bench.memory import GIB
+from composed_bench.models import compose, random_causal_lm, source_config
+from composed_bench.plan import make_plan
+from composed_bench.release_loop import recompute_step
+from composed_bench.timing import synchronize
+from composed_bench.train_configs import train_inputs, train_model
+from composed_bench.training import autocast, train_flops
+from composed_bench.weights import embedding_tables, weight_bytes
 
 
 class StageClock:

@@ -2,7 +2,7 @@
 
     python scripts/malformed_records.py [--count 1000] [--seed 0] [--max-length 256] [--out FILE]
 
-Each record is made with the reason it must be skipped for (llm_modules.malformed); the script
+Each record is made with the reason it must be skipped for (scripts/malformed.py); the script
 checks that the loader (on_bad_row: skip) named exactly that reason for exactly that row, that
 every row is used or counted, and exits 1 otherwise. Tiny self-built tokenizer; CPU, seconds.
 """
@@ -15,9 +15,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from llm_modules.malformed import jsonl_bytes, malformed_files
 from llm_modules.tiny import build_tokenizer
 from llm_modules.training.data import DataOptions, build_examples
+
+from malformed import jsonl_bytes, malformed_files  # scripts/malformed.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from llm_modules.bench import HEADLINE_KEYS, TRAIN_CONFIGS, bench_main, interpolated_sum, sample_lengths
+from composed_bench.bridge import HEADLINE_KEYS
+from composed_bench.main import bench_main
+from composed_bench.sampling import interpolated_sum, sample_lengths
+from composed_bench.train_configs import TRAIN_CONFIGS
 
 
 def test_bench_runs_end_to_end_on_tiny_shapes(tmp_path, capsys):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from llm_modules import LLMModulesForCausalLM
+from llm_modules import LLMModulesForCausalLM, commands
 from llm_modules.cli import main
 
 
@@ -24,3 +25,13 @@ def test_user_mistakes_exit_2_with_a_message(tmp_path, capsys):
     assert "not a folder written by save_pretrained" in error and "Traceback" not in error
     assert main(["no-such-command"]) == 2
     assert main([]) == 0
+
+
+def test_bench_runs_the_checkouts_benchmarks_or_says_where_they_are(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as done:  # the checkout's benchmarks/bench.py command line
+        main(["bench", "--help"])
+    assert done.value.code == 0 and "--topology" in capsys.readouterr().out
+    monkeypatch.setattr(commands, "benchmarks_folder", lambda: tmp_path / "benchmarks")  # an installed wheel
+    assert main(["bench", "--shapes", "tiny"]) == 2
+    error = capsys.readouterr().err
+    assert "source checkout" in error and "python benchmarks/bench.py" in error and "Traceback" not in error

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm_modules.malformed import jsonl_bytes, malformed_files
 from llm_modules.training.data import DataError, DataOptions, DataReport, build_examples
+from malformed import jsonl_bytes, malformed_files  # scripts/malformed.py (pyproject: pytest pythonpath)
 
 KINDS = ("blank line", "not UTF-8", "not JSON", "not a JSON object", "unknown record format", "missing field",
          "wrong type", "empty field", "unpaired surrogate", "unknown role", "misplaced system turn", "no assistant turn",

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("llm_modules.evaluation.evaluate", "eval_main", "answer-only loss and exact-match accuracy on a data file"),
     "compare": ("llm_modules.evaluation.compare", "compare_main", "run every transfer method on one harness, write a report"),
     "lm-eval": ("llm_modules.evaluation.lm_eval_command", "lm_eval_main", "lm-evaluation-harness on a saved model, offline task files"),
-    "bench": ("llm_modules.bench", "bench_main", "decode/training/memory benchmarks against the alternatives"),
+    "bench": ("llm_modules.commands", "bench_main", "decode/training/memory benchmarks (a source checkout's benchmarks/)"),
     "serve": ("llm_modules.serving.command", "serve_main", "OpenAI-compatible server + side-by-side page for a saved model"),
 }
 

@@ -1,12 +1,15 @@
-"""Small commands: ``llm-modules generate``."""
+"""Small commands: ``llm-modules generate``, and ``llm-modules bench`` (the benchmarks of a source checkout)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 import torch
 
+from .errors import LLMModulesError
 from .model.generate import render_prompt, stream_generate
 
 
@@ -34,3 +37,25 @@ def generate_main(argv: list[str]) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def benchmarks_folder() -> Path:
+    """``benchmarks/`` of the source checkout this package was imported from (absent from an installed wheel)."""
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def bench_main(argv: list[str]) -> int:
+    """``llm-modules bench``: ``python benchmarks/bench.py`` of the checkout (benchmarks/composed_bench), in place.
+
+    The benchmarks are a developer tool, not part of the library: they are found beside ``src/`` or not at all.
+    """
+    folder = benchmarks_folder()
+    if not (folder / "composed_bench" / "main.py").is_file():
+        raise LLMModulesError(
+            f"the benchmarks live in a source checkout (benchmarks/composed_bench), and there is none at {folder}: "
+            "clone the repository and run `python benchmarks/bench.py` there, or `llm-modules bench` from an "
+            "editable install of it (pip install -e .)"
+        )
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module("composed_bench.main").bench_main(argv)

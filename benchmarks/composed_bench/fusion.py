@@ -1,6 +1,6 @@
 """``llm-modules bench --topology fusion``: the fusion topology against the source alone and the target alone.
 
-Same shapes, timers and memory measures as ``bench.py`` (Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped
+Same shapes, timers and memory measures as the bridge run (:mod:`.bridge`) (Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped
 target, random weights, nothing from a hub):
 
   decode  batch 1, prompt + new tokens, greedy HF ``generate``: fusion with prompt memory (the source
@@ -18,38 +18,24 @@ directly (the two-tokenizer alignment is a data-preparation cost, measured nowhe
 from __future__ import annotations
 
 import gc
-import os
 import statistics
-import time
-from dataclasses import asdict
 
-import torch
 from torch import nn
 
-from .bench import (
-    DecodeRow,
-    Plan,
-    TrainRow,
-    bench_train,
-    git_commit,
-    log,
-    machine_description,
-    make_row,
-    median_generate,
-    per_token_curve,
-    random_causal_lm,
-    random_ids,
-    ratio,
-    source_config,
-    stage,
-    target_config,
-    weight_count,
-    embedding_tables,
-    CpuUsage,
-)
-from .model.modeling import LLMModulesForCausalLM
-from .model.processing import MAIN
-from .tiny import build_tokenizer
+from llm_modules.model.modeling import LLMModulesForCausalLM
+
+from .generation import median_generate, per_token_curve
+from .inputs import random_ids, source_inputs
+from .load import CpuUsage
+from .models import compose_fusion, random_causal_lm, source_config, target_config
+from .plan import Plan
+from .record import RunRecord
+from .progress import log, stage
+from .rows import DecodeRow, TrainRow, make_row, ratio
+from .train_configs import FUSION_TRAIN_CONFIGS
+from .training import bench_train
+from .weights import embedding_tables, weight_count
+
 
 FUSION_HEADLINE_KEYS = (
     "fusion_decode_speedup_vs_source_generate",
@@ -57,30 +43,11 @@ FUSION_HEADLINE_KEYS = (
     "fusion_train_speedup_with_cache",
     "fusion_train_peak_memory_vs_target_only",
 )
-FUSION_TRAIN_CONFIGS = ("target_only", "fusion_without_cache", "fusion_with_cache")
-
-
-def compose_fusion(plan: Plan, source: nn.Module | None, target: nn.Module, memory: str) -> LLMModulesForCausalLM:
-    """Fusion with the paper's shapes: blocks before every 4th GPT-Neo layer (3 blocks), tanh gates at 0."""
-    torch.manual_seed(1)
-    tokenizer = build_tokenizer()  # stands in for both tokenizers: the inputs below are ids, given explicitly
-    common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", memory=memory,
-                  attention_dropout=0.0)
-    if source is None:
-        return LLMModulesForCausalLM.compose(None, target, source_config=source_config(plan.shapes), **common)
-    return LLMModulesForCausalLM.compose(source, target, **common)
-
-
-def source_inputs(batch: int, length: int, vocab: int, device: str, seed: int) -> dict[str, torch.Tensor]:
-    """What the source reads: ``length`` random ids, aligned one to one with the target's tokens."""
-    ids = random_ids(batch, length, vocab, device, seed)
-    positions = torch.arange(length, device=device).expand(batch, -1)
-    return {"source_input_ids": ids, "source_attention_mask": torch.ones_like(ids), "source_position_ids": positions,
-            "source_groups": torch.full_like(ids, MAIN), "source_counts": positions + 1}
 
 
 def bench_fusion_decode(plan: Plan, fusion: LLMModulesForCausalLM, source: nn.Module, target: nn.Module,
                         cases: list[tuple[int, int]]) -> list[DecodeRow]:
+    """Fusion with prompt memory, the source alone and the target alone on each (batch, new tokens) case."""
     rows: list[DecodeRow] = []
     tables = embedding_tables(source, target)
     source_params = weight_count([source], skip=tables)
@@ -114,30 +81,6 @@ def bench_fusion_decode(plan: Plan, fusion: LLMModulesForCausalLM, source: nn.Mo
     return rows
 
 
-# ---------------------------------------------------------------------------------- training workers
-def fusion_train_model(config: str, plan: Plan) -> LLMModulesForCausalLM:
-    """A training subprocess's model: fusion (sequence memory) with or without its source loaded."""
-    target = random_causal_lm(target_config(plan.shapes), torch.float32, plan.device)
-    source = None
-    if config == "fusion_without_cache":
-        source = random_causal_lm(source_config(plan.shapes), plan.torch_dtype, plan.device)
-    return compose_fusion(plan, source, target, "sequence").to(plan.device).train()
-
-
-def fusion_train_inputs(config: str, plan: Plan, model: LLMModulesForCausalLM, ids: torch.Tensor) -> dict:
-    """Target ids + labels, and the source's ids (without cache) or its cached states [B, S, 1, d_s]."""
-    source_vocab = int(model.config.source_config["vocab_size"])
-    inputs = {"input_ids": ids, "labels": ids,
-              **source_inputs(plan.train_batch, plan.train_seq, source_vocab, plan.device, seed=8)}
-    if config == "fusion_with_cache":
-        del inputs["source_input_ids"]
-        states = torch.randn(plan.train_batch, plan.train_seq, 1, model.source_hidden_size,
-                             generator=torch.Generator().manual_seed(7))
-        inputs["source_states"] = states.to(device=plan.device, dtype=plan.torch_dtype)
-    return inputs
-
-
-# ------------------------------------------------------------------------------------------- the run
 def fusion_headline(decode: list[DecodeRow], train: list[TrainRow]) -> dict:
     """Decode ratios per token after the prompt (what decoding costs: the source has read the prompt), and
     end to end (the source's encoding of the prompt included: a fixed cost per request)."""
@@ -169,9 +112,9 @@ def fusion_headline(decode: list[DecodeRow], train: list[TrainRow]) -> dict:
 
 
 def run_fusion(plan: Plan, skip: set[str]) -> dict:
-    start = time.perf_counter()
-    load_at_start = os.getloadavg()
-    load: dict[str, dict] = {}
+    """The fusion run: decode, then training (``skip``: "decode", "train"); its JSON result."""
+    record = RunRecord(plan)
+    load = record.load
     cases = [(1, plan.prompt)] if plan.shapes == "paper" else [(1, 16)]
     decode: list[DecodeRow] = []
     if "decode" not in skip:
@@ -187,10 +130,4 @@ def run_fusion(plan: Plan, skip: set[str]) -> dict:
     if "train" not in skip:
         with stage("training", load):
             train = bench_train(plan, FUSION_TRAIN_CONFIGS)
-    return {
-        "topology": "fusion", "plan": asdict(plan), "commit": git_commit(),
-        "machine": dict(machine_description(plan.device), load_average_1_5_15_min_at_start=load_at_start),
-        "headline": fusion_headline(decode, train), "load": load,
-        "decode": [asdict(r) for r in decode], "train": [asdict(r) for r in train], "bound": [],
-        "copy_bandwidth_bytes_per_s": None, "wall_s": time.perf_counter() - start,
-    }
+    return record.result(fusion_headline(decode, train), decode, train, [], None, topology="fusion")

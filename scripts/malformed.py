@@ -1,6 +1,7 @@
 """Malformed training records, each paired with the reason the data loader must skip it for.
 
-For the hostile-input tests and ``scripts/malformed_records.py``: every kind of damage a real
+For ``tests/test_hostile_input.py`` (pytest puts ``scripts/`` on ``sys.path``: pyproject.toml) and
+``malformed_records.py`` beside this module: every kind of damage a real
 dataset arrives with (bytes that are not UTF-8, cut or nested-too-deep JSON, non-objects, missing
 fields, wrong types, empty and huge fields, unpaired surrogates, unknown roles, conversations
 without a user or an assistant, system turns in the middle), for each record format the loader
@@ -14,7 +15,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# reason names as training/data.py counts them
+# reason names as llm_modules/training/data.py counts them
 LONG = "longer than max_length={max_length}"
 
 

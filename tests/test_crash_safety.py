@@ -1,23 +1,29 @@
 """Crash safety: damaged cache shards are rebuilt, unsealed or damaged checkpoints are never resumed from,
 NaN/inf losses stop the run (or skip the batch), configs are checked before anything runs, weights load
-from safetensors only."""
+from safetensors only; SemAlign's runs alike (sealed checkpoints, the NaN/inf guard, an atomic results file)."""
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from llm_modules import LLMModulesError
 from llm_modules.model.loading import check_safetensors, load_causal_lm
 from llm_modules.tiny import save_tiny, tiny_model
+from llm_modules.training import atomic
 from llm_modules.training.atomic import atomic_folder_write, atomic_write_bytes
 from llm_modules.training.cache import CacheFields, SourceStateCache
 from llm_modules.training.checkpoints import SEAL, CorruptCheckpointError, last_good_checkpoint, verify
+from llm_modules.training.config import TrainConfig, config_from_argv
 from llm_modules.training.nonfinite import NonFiniteLossError
+from llm_modules.training.semalign.train import train_semalign
 from llm_modules.training.trainer import train
 
 from conftest import losses
@@ -130,9 +136,9 @@ def test_resume_skips_unsealed_checkpoints_and_names_damaged_files(config, tmp_p
         check_safetensors(weights)
 
 
-def nan_source(folder: Path, tokenizer, token: str) -> int:
+def nan_source(folder: Path, tokenizer, token: str, family: str = "qwen2", **sizes) -> int:
     """A tiny source whose embedding of ``token`` is NaN: every row holding it gives a NaN loss. Returns its id."""
-    model = tiny_model("qwen2", tokenizer, seed=0, hidden=48)
+    model = tiny_model(family, tokenizer, seed=0, **{"hidden": 48, **sizes})
     token_id = tokenizer.convert_tokens_to_ids(token)
     with torch.no_grad():
         model.get_input_embeddings().weight[token_id] = float("nan")
@@ -140,12 +146,17 @@ def nan_source(folder: Path, tokenizer, token: str) -> int:
     return token_id
 
 
+def rows_with(token_id: int, data: Path, tokenizer) -> set[str]:
+    """The ``file:row`` names of the rows of ``data`` that hold ``token_id``."""
+    lines = data.read_text().splitlines()
+    rows = {f"{data}:{n}" for n, line in enumerate(lines, 1) if token_id in tokenizer(line)["input_ids"]}
+    assert 0 < len(rows) < len(lines)
+    return rows
+
+
 def test_nonfinite_loss_stops_naming_step_rows_and_checkpoint_or_skips_counted(config, tmp_path, tokenizer, gsm_file):
     source = tmp_path / "nan-source"
-    token_id = nan_source(source, tokenizer, "7")
-    lines = gsm_file.read_text().splitlines()
-    bad_rows = {f"{gsm_file}:{n}" for n, line in enumerate(lines, 1) if token_id in tokenizer(line)["input_ids"]}
-    assert 0 < len(bad_rows) < len(lines)
+    bad_rows = rows_with(nan_source(source, tokenizer, "7"), gsm_file, tokenizer)
     with pytest.raises(NonFiniteLossError) as caught:
         train(config(source=str(source)))
     message = str(caught.value)
@@ -208,3 +219,59 @@ def test_output_or_cache_in_a_model_folder_is_refused(config, tmp_path):
         train(config(output=base.source))
     with pytest.raises(LLMModulesError, match="cache: .* is the target model's folder"):
         train(config(cache=base.target))
+
+
+# ----------------------------------------------------------------------------------------------- SemAlign
+def semalign_config(source, target, data: Path, output: Path, **changes) -> TrainConfig:
+    """A tiny SemAlign run (LoRA, v1; pairs given, so no attribution): 24 rows, 6 steps, a checkpoint every 3."""
+    argv = ["--method", "semalign", "--source", str(source), "--target", target, "--data", str(data),
+            "--output", str(output), "--max-steps", "6", "--batch-size", "4", "--validation", "0", "--save-steps", "3",
+            "--report-to", "none", "--progress", "false", "--lr-target", "1e-3", "--logging-steps", "1",
+            "--semalign.map_cache", "none", "--semalign.critical_layers", "2", "--seed", "7"]
+    return replace(config_from_argv(argv), **changes)
+
+
+def test_semalign_stops_on_a_nonfinite_loss_or_skips_the_batch_counted(model_folder, tmp_path, tokenizer, gsm_file):
+    source = tmp_path / "nan-source"  # a llama: its head is not its (NaN-holding) embedding, so the map M stays finite
+    bad_rows = rows_with(nan_source(source, tokenizer, "7", family="llama", layers=4), gsm_file, tokenizer)
+    target = model_folder("llama", hidden=32, layers=2)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_semalign(semalign_config(source, target, gsm_file, tmp_path / "stop"))
+    message = str(caught.value)
+    assert "the training loss is nan" in message and any(row in message for row in bad_rows)
+
+    result = train_semalign(semalign_config(source, target, gsm_file, tmp_path / "skip", on_nonfinite_loss="skip"))
+    report = json.loads((tmp_path / "skip" / "train_results.json").read_text())["nonfinite_loss"]
+    assert report["policy"] == "skip" and report["skipped_batches"] == len(report["skipped"]) > 0
+    assert all(set(entry["rows"]) & bad_rows for entry in report["skipped"])
+    assert result.steps_run == 6 and result.trainer.state.global_step == 6
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "skip")
+    assert all(torch.isfinite(p).all() for p in trained.parameters())  # no NaN reached a weight
+
+
+def test_semalign_checkpoints_are_sealed_and_its_results_file_is_never_left_half_written(
+        model_folder, tmp_path, gsm_file, capsys, monkeypatch):
+    run = tmp_path / "run"
+    source, target = model_folder("llama", hidden=48, layers=4), model_folder("llama", hidden=32, layers=2)
+    first = train_semalign(semalign_config(source, target, gsm_file, run))
+    assert first.steps_run == 6 and first.plan.pairs and first.output == run
+    for step in (3, 6):  # LoRA: the checkpoint's weights are its adapter's
+        assert verify(run / f"checkpoint-{step}") > 3
+        assert "adapter_model.safetensors" in json.loads((run / f"checkpoint-{step}" / SEAL).read_text())["files"]
+    (run / "checkpoint-6" / SEAL).unlink()  # killed while writing checkpoint-6
+    written = (run / "train_results.json").read_bytes()
+    rename = os.replace
+
+    def killed_before_renaming_the_results(source_path, destination):
+        if Path(destination).name == "train_results.json":
+            raise OSError("killed before the rename")
+        return rename(source_path, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", killed_before_renaming_the_results)
+    capsys.readouterr()
+    with pytest.raises(OSError, match="killed before the rename"):
+        train_semalign(semalign_config(source, target, gsm_file, run, resume="auto"))
+    err = capsys.readouterr().err
+    assert "checkpoint-6 is incomplete" in err and f"resuming from {run / 'checkpoint-3'} (seal verified)" in err
+    assert verify(run / "checkpoint-6") > 3  # written again, sealed
+    assert (run / "train_results.json").read_bytes() == written  # the old file, whole: never half of the new one

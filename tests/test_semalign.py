@@ -31,7 +31,8 @@ from llm_modules.training.semalign import (
 from llm_modules.training.semalign.bases import cached_semantic_map, output_head
 from llm_modules.training.semalign.layers import LayerTaps
 from llm_modules.training.semalign.objective import Frontier, Objective, cka_layer_loss, cosine_layer_loss
-from llm_modules.training.semalign.plan import row_batches, supervised_loss
+from llm_modules.model.loss import causal_lm_loss
+from llm_modules.training.semalign.plan import row_batches
 from llm_modules.training.semalign.train import train_semalign
 from llm_modules.training.command import train_main
 
@@ -147,7 +148,7 @@ def test_attribution_picks_the_layer_where_a_planted_signal_lives(tokenizer, pla
     model.requires_grad_(False)
     ids = tokenizer(["The quick brown fox jumps", "A small model learns from a large one"]).input_ids
     rows = [{"input_ids": r, "labels": r} for r in ids]
-    scores = gradient_x_activation(model, row_batches(rows, 2, tokenizer.pad_token_id), supervised_loss)
+    scores = gradient_x_activation(model, row_batches(rows, 2, tokenizer.pad_token_id), causal_lm_loss)
     assert len(scores) == 4 and max(range(4), key=lambda i: scores[i]) + 1 == planted
     assert scores[planted - 1] > 3 * sorted(scores)[-2]
 

@@ -12,7 +12,9 @@ from transformers import TrainerCallback
 from llm_modules import LLMModulesError, LLMModulesForCausalLM
 from llm_modules.training.cache import StaleCacheError
 from llm_modules.tiny import save_tiny, tiny_model
-from llm_modules.model.loss import causal_lm_loss
+from llm_modules.model.loss import causal_lm_loss, composed_lm_loss, next_token_mask
+from llm_modules.model.masks import positions_from_padding
+from llm_modules.training.padding import pad_rows
 from llm_modules.training.command import train_main
 from llm_modules.training.trainer import token_mean_loss, train
 from llm_modules.training.config import TrainConfig, config_from_argv, load_config
@@ -187,3 +189,16 @@ def test_trainer_loss_adds_a_mixture_heads_own_cross_entropy_and_weighs_every_to
     # with the accumulated batch's token count, a sum over that count
     count = int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(token_mean_loss({"logits": logits}, labels, num_items_in_batch=2 * count), plain / 2)
+    # without a count, each term is exactly the plain loop's mean (the fact world adds the two means)
+    no_count = composed_lm_loss(logits, head_logits, labels)
+    assert torch.equal(no_count, causal_lm_loss(logits, labels) + causal_lm_loss(head_logits, labels))
+    assert next_token_mask(labels).sum() == count
+
+
+def test_one_padding_rule_pads_right_or_left():
+    rows = [[5, 6, 7], [8]]
+    ids, mask = pad_rows(rows, 0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_rows(rows, -100, left=True, length=4)
+    assert ids.tolist() == [[-100, 5, 6, 7], [-100, -100, -100, 8]] and mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert positions_from_padding(mask).tolist() == [[0, 0, 1, 2], [0, 0, 0, 0]]

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..model.loss import causal_lm_loss, next_token_mask
 from ..training.alignment import CompositionCollator, align_row
 from ..training.data import (
-    IGNORE_INDEX,
     DataError,
     DataOptions,
     DataReport,
@@ -135,11 +135,10 @@ def answer_nll(model, examples: list[dict], pad_token_id: int, batch_size: int =
         batch = collate(features)
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         logits = model(**inputs).logits
-        targets = batch["labels"][:, 1:].to(device)
+        labels = batch["labels"]
         for row in range(logits.shape[0]):  # one row at a time: fp32 copies of [T, V] only
-            total += float(torch.nn.functional.cross_entropy(logits[row, :-1].float(), targets[row],
-                                                             ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((targets != IGNORE_INDEX).sum())
+            total += float(causal_lm_loss(logits[row: row + 1], labels[row: row + 1], "sum"))
+        count += int(next_token_mask(labels).sum())
     return total, count
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from ..model.masks import positions_from_padding
+from ..training.padding import pad_rows
 
 # (input_ids [B, T], attention_mask [B, T], prompt_lengths [B]) -> extra forward inputs (a fusion model's source_*)
 ExtraInputs = Callable[[torch.Tensor, torch.Tensor, list[int]], dict[str, torch.Tensor]]
@@ -88,15 +90,9 @@ def score_continuations(
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
-        width = max(len(inputs[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            tokens = inputs[i][0]
-            ids[row, width - len(tokens):] = torch.tensor(tokens)
-            mask[row, width - len(tokens):] = 1
+        ids, mask = pad_rows([inputs[i][0] for i in chunk], pad_token_id, left=True)
         # positions from the first real token (a plain HF forward does not derive them from left padding)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_padding(mask)
         scored = {i: len(inputs[i][0]) - inputs[i][1] + 1 for i in chunk}  # continuation positions per input
         kwargs = {"logits_to_keep": max(scored.values())} if keep_only else {}
         if extra_inputs is not None:

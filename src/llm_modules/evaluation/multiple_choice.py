@@ -16,6 +16,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from ..model.masks import positions_from_padding
+from ..training.padding import pad_rows
 
 LETTERS = "ABCDEFGH"
 
@@ -82,12 +84,9 @@ def letter_accuracy(model, tokenizer: PreTrainedTokenizerBase, rows: Sequence[di
     predictions = []
     for start in range(0, len(rows), batch_size):
         encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts[start: start + batch_size]]
-        length = max(map(len, encoded))
-        ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # left padding: the last position is every row's answer point
-            ids[i, length - len(e):], mask[i, length - len(e):] = torch.tensor(e), 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # left padding: the last position is every row's answer point
+        ids, mask = pad_rows(encoded, tokenizer.pad_token_id, left=True)
+        positions = positions_from_padding(mask)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)).logits[:, -1]
         for row, scores in zip(rows[start: start + batch_size], logits.float().cpu()):
             letters = letter_ids(tokenizer, len(row["choices"]))

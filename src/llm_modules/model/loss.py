@@ -1,8 +1,8 @@
 """The composed model's training loss: next-token cross-entropy, plus the mixture head's base term.
 
-One definition, read by ``forward(labels=...)``, by ``Trainer`` (``training/trainer.py``: ``token_mean_loss``) and by
-the fact-world loop (``evaluation/factworld/lm.py``), so that the three can never disagree on the shift, the ignored
-label or the mixture term.
+One definition, read by ``forward(labels=...)``, by ``Trainer`` (``training/trainer.py``: ``token_mean_loss``), by
+the fact-world loop (``evaluation/factworld/``), by SemAlign (its attribution and output term) and by evaluation's
+answer NLL, so that none of them can disagree on the shift, the ignored label or the mixture term.
 """
 
 from __future__ import annotations
@@ -13,10 +13,17 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def next_token_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which predictions are trained: labels [B, T] -> bool [B, T-1], True at position t when label t+1 is not -100
+    (logits[:, :-1][mask] are the trained predictions, labels[:, 1:][mask] their targets)."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy in fp32: logits [B, T, V] predict labels [B, T] shifted by one; -100 ignored.
 
-    ``reduction="sum"`` sums over the trained tokens (``Trainer`` divides by its count over a whole accumulated batch).
+    ``reduction="sum"`` sums over the trained tokens (``Trainer`` divides by its count over a whole accumulated batch);
+    ``"none"``: one value per prediction, [B*(T-1)] (0 where ignored).
     """
     shifted = logits[:, :-1].float()
     targets = labels[:, 1:].to(shifted.device)
@@ -31,11 +38,14 @@ def composed_lm_loss(logits: torch.Tensor, head_logits: torch.Tensor | None, lab
     token whatever the gate does (the gate alone cannot teach it the tokens it hands to the source).
 
     logits, head_logits [B, T, V] (head_logits None without a mixture head), labels [B, T]. ``num_items``: divide the
-    summed loss by this count (``Trainer``'s tokens per accumulated step); None: the mean over trained tokens.
+    summed loss by this count (``Trainer``'s tokens per accumulated step); None: the mean over trained tokens. Each
+    term is divided on its own: without ``num_items`` each is then bit for bit ``causal_lm_loss``'s mean.
     """
-    total = causal_lm_loss(logits, labels, "sum")
-    if head_logits is not None:
-        total = total + causal_lm_loss(head_logits, labels, "sum")
     if num_items is None:
-        return total / (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-    return total / torch.as_tensor(num_items, device=total.device)
+        count = next_token_mask(labels).sum().clamp(min=1)
+    else:
+        count = torch.as_tensor(num_items, device=logits.device)
+    loss = causal_lm_loss(logits, labels, "sum") / count
+    if head_logits is not None:
+        loss = loss + causal_lm_loss(head_logits, labels, "sum") / count
+    return loss

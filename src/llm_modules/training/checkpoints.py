@@ -26,6 +26,8 @@ from ..model.loading import PICKLED_WEIGHTS, check_safetensors
 from .atomic import atomic_folder_write, atomic_write_json, file_sha256, is_temporary
 
 SEAL = "llm_modules_seal.json"
+# A checkpoint's weights: the model's, or a PEFT adapter's (SemAlign's LoRA).
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 class CorruptCheckpointError(LLMModulesError):
@@ -70,7 +72,7 @@ def verify(folder: str | Path) -> int:
             check_safetensors(path)
         if file_sha256(path) != record["sha256"]:
             raise CorruptCheckpointError(f"{path} does not match the sha256 recorded in {seal_file} (damaged)")
-    if "model.safetensors" not in files and "model.safetensors.index.json" not in files:
+    if not set(WEIGHTS) & set(files):
         raise CorruptCheckpointError(f"{folder} holds no model.safetensors")
     return len(files)
 
@@ -98,6 +100,22 @@ def last_good_checkpoint(output: str | Path, log: Callable[[str], None] | None =
             if log is not None:
                 log(f"skipping {folder}: {error}")
     return None
+
+
+def resume_checkpoint(resume: str | None, output: str | Path, log: Callable[[str], None] | None = None) -> str | None:
+    """The checkpoint a run resumes from: ``auto``, the newest of ``output`` whose seal verifies (refused if none);
+    a folder, once verified; None, none. ``log`` hears what was skipped and what is resumed."""
+    if resume == "auto":
+        found = last_good_checkpoint(output, log=log)
+        if found is None:
+            raise LLMModulesError(f"resume: auto found no complete checkpoint-* folder in {output}; "
+                                  "start again without resume")
+        resume = str(found)
+    elif resume is not None:
+        verify(resume)  # names the damaged or missing file; an unsealed (incomplete) checkpoint is refused
+    if resume is not None and log is not None:
+        log(f"resuming from {resume} (seal verified)")
+    return resume
 
 
 class SealedCheckpoints:

@@ -36,6 +36,8 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from ..model.loss import IGNORE_INDEX
+from .padding import pad_rows
 
 FORMATS = ("sharegpt", "messages", "prompt_completion", "gsm8k", "text")
 TEMPLATES = ("chat", "plain", "raw")
@@ -46,7 +48,6 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant"}
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-IGNORE_INDEX = -100
 BLANK = "blank line"  # counted, never an error
 
 Message = dict[str, str]
@@ -592,19 +593,14 @@ class PaddingCollator:
         length = max(lengths)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(features)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((batch, length), dtype=torch.long)
+        input_ids, attention = pad_rows([f["input_ids"] for f in features], self.pad_token_id, length=length)
+        labels, _ = pad_rows([f["labels"] for f in features], IGNORE_INDEX, length=length)
         states = None
         for i, (feature, n) in enumerate(zip(features, lengths)):
-            input_ids[i, :n] = torch.as_tensor(feature["input_ids"])
-            labels[i, :n] = torch.as_tensor(feature["labels"])
-            attention[i, :n] = 1
             if "source_states" in feature:
                 s = torch.as_tensor(feature["source_states"])
                 if states is None:
-                    states = torch.zeros((batch, length, *s.shape[1:]), dtype=s.dtype)
+                    states = torch.zeros((len(features), length, *s.shape[1:]), dtype=s.dtype)
                 states[i, :n] = s
         out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if states is not None:

@@ -22,13 +22,16 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 
 from ..model.fusion import source_view_rows
 from ..model.loss import composed_lm_loss
+from ..model.masks import positions_from_padding
 from ..model.loading import load_causal_lm
 from ..model.processing import CompositionProcessor
 from ..model.source import read_source
 from .alignment import CompositionCollator, add_source_alignment
 from .cache import CachedStatesDataset, CacheFields, SourceStateCache, is_cache_file, tokenizer_fingerprint, weights_fingerprint
-from .checkpoints import SealedCheckpoints, last_good_checkpoint, verify
+from .checkpoints import SealedCheckpoints, resume_checkpoint
 from .nonfinite import NonFiniteLossGuard
+from .optim import parameter_groups
+from .result import TrainResult, trainer_summary
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
 from ..errors import LLMModulesError
 from ..model.loading import load_config as load_model_config
@@ -171,8 +174,7 @@ def prepare_cache(config: TrainConfig, tokenizers: Tokenizers, data: PreparedDat
             cache.build(rows, None, rows_fn=rows_fn, **shards)
         else:
             def states_fn(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                return read_source(source, ids, mask, positions, (config.source_layer,))[0]
+                return read_source(source, ids, mask, positions_from_padding(mask), (config.source_layer,))[0]
 
             cache.build(rows, states_fn, **shards)
         del source
@@ -219,15 +221,8 @@ class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             model = self.model if model is None else model
-            decay = set(self.get_decay_parameter_names(model))
-            names = {id(p): n for n, p in model.named_parameters()}
-            groups = []
-            for group, parameters in model.trainable_parameter_groups(mixture=True).items():
-                for decays in (True, False):
-                    chosen = [p for p in parameters if (names[id(p)] in decay) == decays]
-                    if chosen:
-                        groups.append({"params": chosen, "lr": self.group_lrs[group], "group": group,
-                                       "weight_decay": self.args.weight_decay if decays else 0.0})
+            groups = parameter_groups(model, self.group_lrs, self.args.weight_decay,
+                                      set(self.get_decay_parameter_names(model)))
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
@@ -341,16 +336,6 @@ def training_arguments(config: TrainConfig, has_validation: bool, device: str) -
 
 
 # ------------------------------------------------------------------------------------------ run
-@dataclass
-class TrainResult:
-    output: Path
-    metrics: dict
-    log_history: list[dict]
-    step_times: list[float]
-    model: LLMModulesForCausalLM
-    trainer: Trainer
-
-
 def check_config(config: TrainConfig) -> None:
     """Paths, names and values of the run config, all checked before anything loads (config.validate)."""
     validate(config)
@@ -410,17 +395,7 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         train_set = CachedStatesDataset(train_set, cache)
         eval_set = CachedStatesDataset(eval_set, cache) if eval_set is not None else None
         with_source = reads_source_head(config)  # the source's head is part of the model for head=source/source_mix
-    resume = config.resume
-    if resume == "auto":
-        resume = last_good_checkpoint(output, log=_stderr if main else None)
-        if resume is None:
-            raise LLMModulesError(f"resume: auto found no complete checkpoint-* folder in {output}; "
-                                  "start again without resume")
-        resume = str(resume)
-    elif resume is not None:
-        verify(resume)  # names the damaged or missing file; an unsealed (incomplete) checkpoint is refused
-    if resume is not None and main:
-        _stderr(f"resuming from {resume} (seal verified)")
+    resume = resume_checkpoint(config.resume, output, log=_stderr if main else None)
 
     set_seed(config.seed)  # the connector's initialisation depends only on the seed, cached or not
     with allow_remote_code(config.trust_remote_code):
@@ -442,7 +417,9 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
                    "mixture": config.lr_connector if config.lr_mixture is None else config.lr_mixture},
         nonfinite_policy=config.on_nonfinite_loss,
     )
+    started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
     trainer.save_model(str(output))
     metrics = dict(outcome.metrics)
     if eval_set is not None:
@@ -454,12 +431,9 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         if "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     groups = model.trainable_parameter_groups()
-    steady = timer.times[1:] or timer.times
     results = {
         "metrics": metrics,
-        "steps": trainer.state.global_step,
-        "step_time_s": {"mean": sum(steady) / max(1, len(steady)), "first": timer.times[0] if timer.times else None,
-                        "count": len(timer.times)},
+        **trainer_summary(trainer, timer.times, config.on_nonfinite_loss),
         "trainable_parameters": {name: sum(p.numel() for p in ps) for name, ps in groups.items()},
         "data": data.report.to_dict(),
         "data_fingerprint": data.fingerprint,
@@ -467,10 +441,8 @@ def train(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -
         "source_loaded": with_source,
         "device": device,
         "processes": state.num_processes,
-        "nonfinite_loss": {"policy": config.on_nonfinite_loss, "skipped_batches": len(trainer.nonfinite_skips),
-                           "skipped": trainer.nonfinite_skips[:50]},
     }
     if main:
         atomic_write_json(output / "train_results.json", results)
         plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
-    return TrainResult(output, metrics, list(trainer.state.log_history), timer.times, model, trainer)
+    return TrainResult.of_trainer(trainer, output, metrics, timer.times, model, seconds)

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from ...model.loss import IGNORE_INDEX, causal_lm_loss
+from ...model.masks import positions_from_padding
 from ...model.processing import shared_source_inputs
 from ...tiny import build_tokenizer
+from ...training.padding import pad_rows
+from ...training.result import TrainResult
 from .world import TRACE_MARKERS, Fact, FactWorld
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -114,7 +117,7 @@ def encode_trace(tokenizer: PreTrainedTokenizerBase, world: FactWorld, fact: Fac
         offsets, len(prompt) + marks.skill[0], len(prompt) + marks.skill[1], full)
     fact_end = next(i for i, (a, _) in enumerate(offsets) if a >= len(prompt) + marks.fact_end)
     statement = _span_tokens(offsets, len(prompt) + marks.statement[0], len(prompt) + marks.statement[1], full)
-    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids):]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
     return Example(ids, labels, len(prompt_ids), answer, fact, skill, fact_end, statement)
 
 
@@ -134,24 +137,15 @@ def encode_recall(tokenizer: PreTrainedTokenizerBase, world: FactWorld, fact: Fa
     if not value_ids:
         raise RuntimeError(f"the answer of {fact} does not tokenize after its prompt")
     ids = prompt_ids + value_ids
-    return Example(ids, [-100] * len(prompt_ids) + value_ids, len(prompt_ids),
+    return Example(ids, [IGNORE_INDEX] * len(prompt_ids) + value_ids, len(prompt_ids),
                    list(range(len(prompt_ids), len(ids))), fact)
 
 
 def collate(examples: Sequence[Example], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
     """Pad to one batch: input_ids/attention_mask/labels [B, T]; ``offset`` [B] shift of each row (left padding)."""
-    length = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    offset = torch.zeros(len(examples), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        s = length - n if left else 0
-        ids[row, s: s + n] = torch.tensor(e.input_ids)
-        labels[row, s: s + n] = torch.tensor(e.labels)
-        mask[row, s: s + n] = 1
-        offset[row] = s
+    ids, mask = pad_rows([e.input_ids for e in examples], pad_id, left)
+    labels, _ = pad_rows([e.labels for e in examples], IGNORE_INDEX, left)
+    offset = ids.shape[1] - mask.sum(-1) if left else torch.zeros(len(examples), dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "offset": offset}
 
 
@@ -174,25 +168,21 @@ def logits_of(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
         if model.config.topology == "fusion" and model.config.memory == "prompt" and prompt_lengths is not None:
             extra = dict(source_input_ids=input_ids, **shared_source_inputs(attention_mask, prompt_lengths))
         return model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=positions_from_padding(attention_mask)).logits
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Shifted cross-entropy; logits [B, T, V], labels [B, T] with -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def causal_lm_loss_fn(model: nn.Module, pad_id: int) -> Callable[[list[Example]], torch.Tensor]:
+    """examples -> the mean next-token loss of ``model`` over their labels (``model/loss.py``)."""
+
+    def loss_fn(batch: list[Example]) -> torch.Tensor:
+        tensors = collate(batch, pad_id)
+        return causal_lm_loss(logits_of(model, tensors["input_ids"], tensors["attention_mask"]), tensors["labels"])
+
+    return loss_fn
 
 
 # -------------------------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainResult:
-    losses: list[float]
-    validation: list[tuple[int, float]]  # (step, validation accuracy)
-    best_step: int
-    seconds: float
-    steps_run: int = 0
 
 
 def train_loop(

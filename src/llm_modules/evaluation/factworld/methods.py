@@ -30,9 +30,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ...errors import LLMModulesError
 from ...model.configuration import ComposeOptions, compose_option_names
 from ...model.modeling import LLMModulesForCausalLM
+from ...model.loss import causal_lm_loss, composed_lm_loss, next_token_mask
+from ...model.masks import positions_from_padding
 from ...model.processing import shared_source_inputs
+from ...training.optim import parameter_groups
+from ...training.result import TrainResult
 from . import semalign as semalign_world
-from .lm import Example, TrainResult, collate, encode_trace, lm_loss, logits_of, train_loop
+from .lm import Example, causal_lm_loss_fn, collate, encode_trace, logits_of, train_loop
 from .metrics import TraceScores, evaluate_traces, own_format_accuracy, source_recall
 from .world import Fact, FactWorld
 
@@ -210,9 +214,9 @@ class FrozenSourceHead(nn.Module):
 
     def fact_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] ids -> [B, T, V] logits."""
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            hidden = self.source(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+            hidden = self.source(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=positions_from_padding(attention_mask),
                                  output_hidden_states=True).hidden_states[-1]
         return self.head(hidden)
 
@@ -346,19 +350,11 @@ def kd_loss_fn(student: nn.Module, teacher: nn.Module, pad_id: int, temperature:
         student_logits = logits_of(student, ids, mask)  # [B, T, V]
         with torch.no_grad():
             teacher_logits = logits_of(teacher, ids, mask)
-        keep = labels[:, 1:] != -100  # predictions made at positions whose next token has a label
+        keep = next_token_mask(labels)  # predictions made at positions whose next token has a label
         s = student_logits[:, :-1][keep].float() / temperature
         t = teacher_logits[:, :-1][keep].float() / temperature
         kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
-        return alpha * temperature**2 * kl + (1 - alpha) * lm_loss(student_logits, labels)
-
-    return loss_fn
-
-
-def ce_loss_fn(model: nn.Module, pad_id: int) -> Callable[[list[Example]], torch.Tensor]:
-    def loss_fn(batch: list[Example]) -> torch.Tensor:
-        tensors = collate(batch, pad_id)
-        return lm_loss(logits_of(model, tensors["input_ids"], tensors["attention_mask"]), tensors["labels"])
+        return alpha * temperature**2 * kl + (1 - alpha) * causal_lm_loss(student_logits, labels)
 
     return loss_fn
 
@@ -377,10 +373,8 @@ def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[
             states, extra = states[:, :, None], shared_source_inputs(tensors["attention_mask"], prompts)
         output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                        source_states=states, **extra)
-        loss = lm_loss(output.logits, tensors["labels"])
-        if output.head_logits is not None:  # a mixture head: its new head's own cross-entropy too (modeling.py)
-            loss = loss + lm_loss(output.head_logits, tensors["labels"])
-        return loss
+        # a mixture head: its new head's own cross-entropy too (model/loss.py)
+        return composed_lm_loss(output.logits, output.head_logits, tensors["labels"])
 
     return loss_fn
 
@@ -426,8 +420,7 @@ def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> lis
         # a fusion model's mixture gate: a linear probe of the target's state (and of how sure each path is, with
         # mixture_gate=confidence), in its own group as ``llm-modules train`` trains it (lr_mixture)
         lrs = {"connector": budget.lr, "target": budget.target_lr, "mixture": budget.mixture_lr or budget.lr}
-        groups = model.trainable_parameter_groups(mixture=True)
-        return [{"params": params, "lr": lrs[name], "name": name} for name, params in groups.items() if params]
+        return parameter_groups(model, lrs)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": budget.lr}]
 
 
@@ -495,7 +488,7 @@ def run_method(spec: MethodSpec, bench: Workbench, budget: Budget, seed: int, pr
         elif spec.kind == "semalign":
             loss_fn = semalign_world.loss_fn(model, bench, budget.steps)
         else:
-            loss_fn = ce_loss_fn(model, pad)
+            loss_fn = causal_lm_loss_fn(model, pad)
         result = train_loop(
             _optimizer_groups(spec, model, budget), loss_fn, bench.traces(bench.world.transfer), budget.steps,
             batch_size=budget.batch_size, lr=budget.lr, seed=seed, evaluate=validation_accuracy,

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ...tiny import save_tiny, tiny_config
-from .lm import Example, TrainResult, check_tokenizer_roundtrip, collate, encode_text, encode_trace, lm_loss, logits_of, train_loop
+from ...training.result import TrainResult
+from .lm import Example, causal_lm_loss_fn, check_tokenizer_roundtrip, encode_text, encode_trace, train_loop
 from .metrics import source_recall, target_skill as skill_of
 from .world import Fact, FactWorld
 
@@ -22,16 +23,6 @@ def _new_model(family: str, tokenizer: PreTrainedTokenizerBase, seed: int, **siz
     torch.manual_seed(seed)
     config = tiny_config(family, vocab_size=len(tokenizer), tokenizer=tokenizer, **sizes)
     return AutoModelForCausalLM.from_config(config)
-
-
-def causal_lm_loss_fn(model: torch.nn.Module, pad_id: int):
-    """examples -> mean next-token loss of ``model`` over their labels."""
-
-    def loss_fn(batch: list[Example]) -> torch.Tensor:
-        tensors = collate(batch, pad_id)
-        return lm_loss(logits_of(model, tensors["input_ids"], tensors["attention_mask"]), tensors["labels"])
-
-    return loss_fn
 
 
 def pretrain_source(

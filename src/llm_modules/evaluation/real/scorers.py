@@ -17,21 +17,12 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import LLMModulesError
+from ...model.masks import positions_from_padding
 from ...model.processing import adds_bos_token
+from ...training.padding import pad_rows
 from ..multiple_choice import LETTERS
 from .questions import Question
 from .source_pass import SourcePass, letter_token_ids, source_ids
-
-
-def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids and mask, padded on the left."""
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        mask[i, length - len(row):] = 1
-    return ids, mask
 
 
 def _left_pad_states(states: Sequence[torch.Tensor], length: int) -> torch.Tensor:
@@ -55,8 +46,8 @@ class TargetScorer:
         return {"input_ids": [self.tokenizer.bos_token_id, *ids] if adds_bos_token(self.tokenizer) else ids}
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = _left_pad([f["input_ids"] for f in features], self.pad)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        ids, mask = pad_rows([f["input_ids"] for f in features], self.pad, left=True)
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_padding(mask)}
 
     def logits(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch, logits_to_keep=1).logits[:, -1]
@@ -75,7 +66,7 @@ class BridgeScorer:
         return {"input_ids": source_ids(self.tokenizer, question.text), "states": self.source.states(question)}
 
     def collate(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, mask = _left_pad([f["input_ids"] for f in features], self.pad)
+        ids, mask = pad_rows([f["input_ids"] for f in features], self.pad, left=True)
         return {"input_ids": ids, "attention_mask": mask,
                 "source_states": _left_pad_states([f["states"] for f in features], ids.shape[1])}
 

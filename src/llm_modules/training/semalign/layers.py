@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ...errors import LLMModulesError
+from ...model.masks import positions_from_padding
 
 INTERFACES = ("contribution", "mlp", "output")
 
@@ -140,8 +141,8 @@ def gradient_x_activation(
             embeddings = model.get_input_embeddings()
             handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
             try:
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits
+                logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                               position_ids=positions_from_padding(mask)).logits
                 loss_fn(logits, batch["labels"]).backward()
             finally:
                 handle.remove()

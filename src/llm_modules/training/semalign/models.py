@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import LLMModulesError
+from ...model.masks import positions_from_padding
 from .layers import LayerPair, LayerTaps, decoder_layers
 from .options import PAPER_LORA_MODULES, SemAlignOptions
 
@@ -34,9 +35,9 @@ def source_tap_states(source: nn.Module, input_ids: torch.Tensor, attention_mask
     if len(interfaces) > 1:
         raise LLMModulesError(f"taps {list(taps)} mix interfaces; one run reads one interface")
     layers = [int(name.split(":")[1]) for name in taps if name != "final"]
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     with LayerTaps(source, layers, next(iter(interfaces), "contribution")) as hooks:
-        output = source.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        output = source.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=positions_from_padding(attention_mask))
     columns = [output.last_hidden_state if name == "final" else hooks.values[int(name.split(":")[1])] for name in taps]
     return torch.stack(columns, dim=2)
 

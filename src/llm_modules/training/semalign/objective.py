@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import LLMModulesError
+from ...model.loss import next_token_mask
 from .layers import LayerPair
 
 LAYER_LOSSES = ("cosine", "cka", "none")
@@ -152,7 +153,7 @@ class Objective:
                 parts["layer"] = float(layer.detach())
                 total = total + self.layer_weight * layer_scale * layer
         if self.output_loss != "none" and self.output_weight != 0:
-            keep = labels[:, 1:] != -100
+            keep = next_token_mask(labels)
             targets = labels[:, 1:][keep]
             chosen = logits[:, :-1][keep]
             source_logits = None

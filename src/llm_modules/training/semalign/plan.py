@@ -6,7 +6,6 @@ comparison (``factworld.py``): both give token rows and get back an :class:`Alig
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -14,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ...errors import LLMModulesError
+from ...model.loss import IGNORE_INDEX, causal_lm_loss
+from ..atomic import atomic_write_json
+from ..padding import pad_rows
 from .bases import TokenAlignment, align_vocabularies, cached_semantic_map, output_head
 from .layers import LayerPair, choose_pairs, gradient_x_activation, plot_pairs
 from .models import tap_names
@@ -56,7 +57,7 @@ class AlignmentPlan:
     def write(self, folder: str | Path) -> None:
         """``semalign_plan.json`` and ``semalign_pairs.png`` (attribution per source layer, the pairs)."""
         folder = Path(folder)
-        (folder / "semalign_plan.json").write_text(json.dumps(self.report(), indent=2))
+        atomic_write_json(folder / "semalign_plan.json", self.report())
         plot_pairs(self.scores, self.pairs, self.target_layers, folder / "semalign_pairs.png")
 
 
@@ -69,22 +70,12 @@ def map_folder(options: SemAlignOptions) -> Path | None:
     return Path(options.map_cache).expanduser()
 
 
-def supervised_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy on the labelled tokens: what the attribution differentiates."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
 def row_batches(rows: Sequence[dict], batch_size: int, pad_id: int, device: str | torch.device = "cpu"):
     """Right-padded batches (input_ids/attention_mask/labels [B, T]) of token rows {input_ids, labels}."""
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        length = max(len(r["input_ids"]) for r in chunk)
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for i, row in enumerate(chunk):
-            n = len(row["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(row["input_ids"]), torch.tensor(row["labels"]), 1
+        ids, mask = pad_rows([r["input_ids"] for r in chunk], pad_id)
+        labels, _ = pad_rows([r["labels"] for r in chunk], IGNORE_INDEX)
         yield {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
@@ -130,7 +121,7 @@ def plan_alignment(
         print(f"semalign: Gradient x Activation over {len(chosen)} transfer rows, {source_layers} source layers",
               file=sys.stderr)
         scores = gradient_x_activation(source, row_batches(chosen, options.attribution_batch_size, pad_id, device),
-                                       supervised_loss, options.interface, options.attribution_reduce)
+                                       causal_lm_loss, options.interface, options.attribution_reduce)
     pairs = [] if options.layer_loss == "none" else choose_pairs(scores, target_layers, options.pairs,
                                                                   options.critical_layers or None)
     needs_final = options.output_loss in NEEDS_SOURCE_LOGITS
@@ -139,4 +130,4 @@ def plan_alignment(
                          source_layers, target_layers, source_head if needs_final else None)
 
 
-__all__ = ["AlignmentPlan", "output_head", "plan_alignment", "row_batches", "supervised_loss"]
+__all__ = ["AlignmentPlan", "output_head", "plan_alignment", "row_batches"]

@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ...errors import LLMModulesError
 from ...model.loading import load_causal_lm, load_config as load_model_config, load_tokenizer
+from ..atomic import atomic_write_json
 from ..cache import CachedStatesDataset, SourceStateCache
+from ..checkpoints import SealedCheckpoints, resume_checkpoint
 from ..config import TrainConfig, dump_config
 from ..data import PaddingCollator
-from ..trainer import (StepTimer, _device, cache_fields, cache_folder, check_config, load_tokenizers, plot_loss_curve,
+from ..nonfinite import NonFiniteLossGuard
+from ..result import TrainResult, trainer_summary
+from ..trainer import (StepTimer, _device, _stderr, cache_fields, cache_folder, check_config, load_tokenizers, plot_loss_curve,
                        run_data, training_arguments)
 from .layers import LayerTaps, layer_count
 from .models import plain_model, prepare_target, set_frontier, source_tap_states
@@ -37,7 +39,7 @@ from .options import SemAlignOptions, options_from_mapping
 from .plan import AlignmentPlan, output_head, plan_alignment
 
 
-class SemAlignTrainer(Trainer):
+class _SemAlignLoss(Trainer):
     """``Trainer`` whose loss is SemAlign's objective on the target's taps and the source's (cached or live)."""
 
     def __init__(self, *args, objective: Objective, frontier: Frontier, source: nn.Module | None = None, **kwargs):
@@ -80,6 +82,15 @@ class SemAlignTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class SemAlignTrainer(NonFiniteLossGuard, SealedCheckpoints, _SemAlignLoss):
+    """SemAlign's ``Trainer`` with the crash safety of every run: sealed (crash-safe) checkpoints and a policy for
+    NaN/inf losses (``nonfinite_policy``: stop | skip; nonfinite.py)."""
+
+    def __init__(self, *args, nonfinite_policy: str = "stop", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nonfinite_policy = nonfinite_policy
+
+
 class FrontierCallback(TrainerCallback):
     """Before each optimizer step: only the frontier's current target layer keeps its gradients (v2)."""
 
@@ -90,16 +101,6 @@ class FrontierCallback(TrainerCallback):
         set_frontier(self.by_layer, self.frontier.active(state.global_step, state.max_steps))
 
 
-@dataclass
-class SemAlignResult:
-    output: Path
-    metrics: dict
-    log_history: list[dict]
-    plan: AlignmentPlan
-    model: nn.Module
-    trainer: Trainer
-
-
 def _taps_cache(config: TrainConfig, tokenizers, taps: list[str], rows: list[list[int]], source_fn) -> tuple[SourceStateCache, dict]:
     """The cache of this tap set (``CACHE/taps-<hash>``), completed with the rows it lacks."""
     folder = cache_folder(config)
@@ -107,16 +108,15 @@ def _taps_cache(config: TrainConfig, tokenizers, taps: list[str], rows: list[lis
     folder = folder / ("taps-" + hashlib.sha256(json.dumps(taps).encode()).hexdigest()[:12])
     fields = replace(cache_fields(config, tokenizers), source_layer=list(taps), layout="semalign-taps")
     cache = SourceStateCache.open(folder, fields)
-    cache.consolidate(log=lambda message: print(message, file=sys.stderr))  # what a killed build left behind
+    cache.consolidate(log=_stderr)  # what a killed build left behind
     missing = cache.missing(rows)
     stats = {"folder": str(folder), "rows": len(rows), "computed": len(missing), "seconds": 0.0, "taps": taps}
     if missing:
         started = time.perf_counter()
-        print(f"source-state cache: computing taps {taps} for {len(missing)} of {len(rows)} rows into {folder}",
-              file=sys.stderr)
+        _stderr(f"source-state cache: computing taps {taps} for {len(missing)} of {len(rows)} rows into {folder}")
         cache.build([rows[i] for i in missing], lambda ids, mask: source_tap_states(source_fn(), ids, mask, taps),
                     batch_size=config.cache_batch_size, device=_device(config), progress=config.progress)
-        cache.consolidate(log=lambda message: print(message, file=sys.stderr))  # the new shards join the manifest
+        cache.consolidate(log=_stderr)  # the new shards join the manifest
         stats["seconds"] = round(time.perf_counter() - started, 2)
     stats["bytes"] = cache.size_bytes()
     return cache, stats
@@ -130,7 +130,7 @@ def save_target(model: nn.Module, tokenizer, output: Path, options: SemAlignOpti
     return final
 
 
-def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> SemAlignResult:
+def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """One SemAlign run; files in ``config.output``: the target model, ``semalign_plan.json``,
     ``semalign_pairs.png``, ``train_results.json``, ``loss_curve.png``, ``data_report.json``, checkpoints."""
     check_config(config)
@@ -157,8 +157,7 @@ def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None 
     attribution = not options.critical_layers and options.layer_loss != "none"
     plan = _plan(config, options, source, attribution, target, tokenizer, target_tokenizer, train_rows, device)
     plan.write(output)
-    print(f"semalign: pairs (target <- source) {[(p.target, p.source_a, p.source_b, round(p.weight, 3)) for p in plan.pairs]}",
-          file=sys.stderr)
+    _stderr(f"semalign: pairs (target <- source) {[(p.target, p.source_a, p.source_b, round(p.weight, 3)) for p in plan.pairs]}")
 
     train_set, eval_set, cache_stats = data.train, data.validation, None
     if plan.taps and cache_folder(config) is not None:
@@ -172,11 +171,7 @@ def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None 
     if source_model and live_source is None:
         source_model.clear()  # the attribution is done and the cache holds the rest: free the source's memory
 
-    resume = config.resume
-    if resume == "auto":
-        resume = get_last_checkpoint(str(output))
-        if resume is None:
-            raise LLMModulesError(f"resume: auto found no checkpoint-* folder in {output}")
+    resume = resume_checkpoint(config.resume, output, log=_stderr)
     set_seed(config.seed)  # LoRA's initialisation depends only on the seed
     model, by_layer = prepare_target(target, options, plan.pairs)
     objective = Objective(plan.pairs, plan.semantic_map, plan.taps, options.interface, options.layer_loss,
@@ -186,24 +181,24 @@ def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None 
     timer = StepTimer()
     trainer = SemAlignTrainer(
         model=model, args=training_arguments(config, eval_set is not None, device), train_dataset=train_set,
-        eval_dataset=eval_set, data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=target_tokenizer,
-        callbacks=[timer, FrontierCallback(frontier, by_layer), *(callbacks or [])],
-        objective=objective, frontier=frontier, source=live_source,
+        eval_dataset=eval_set, data_collator=PaddingCollator(tokenizer.pad_token_id, keep_rows=True),
+        processing_class=target_tokenizer, callbacks=[timer, FrontierCallback(frontier, by_layer), *(callbacks or [])],
+        objective=objective, frontier=frontier, source=live_source, nonfinite_policy=config.on_nonfinite_loss,
     )
     trainable = sum(p.numel() for ps in by_layer.values() for p in ps)
+    started = time.perf_counter()
     outcome = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
     set_frontier(by_layer, None)
     metrics = dict(outcome.metrics)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
     final = save_target(model, target_tokenizer, output, options)
-    steady = timer.times[1:] or timer.times
     results = {
         "method": "semalign",
         "options": options.to_dict(),
         "metrics": metrics,
-        "steps": trainer.state.global_step,
-        "step_time_s": {"mean": sum(steady) / max(1, len(steady)), "count": len(timer.times)},
+        **trainer_summary(trainer, timer.times, config.on_nonfinite_loss),
         "trainable_parameters": trainable,
         "inference_parameters": sum(p.numel() for p in final.parameters()),
         "plan": plan.report(),
@@ -214,9 +209,9 @@ def train_semalign(config: TrainConfig, callbacks: list[TrainerCallback] | None 
         "device": device,
         "saved_as": "adapter" if hasattr(final, "peft_config") else "model",
     }
-    (output / "train_results.json").write_text(json.dumps(results, indent=2, default=str))
+    atomic_write_json(output / "train_results.json", results)
     plot_loss_curve(trainer.state.log_history, output / "loss_curve.png")
-    return SemAlignResult(output, metrics, list(trainer.state.log_history), plan, final, trainer)
+    return TrainResult.of_trainer(trainer, output, metrics, timer.times, final, seconds, plan=plan)
 
 
 def _plan(config, options, source, attribution, target, tokenizer, target_tokenizer, rows, device) -> AlignmentPlan:

@@ -63,7 +63,7 @@ class StageClock:
 
 
 def composed_stages(model: nn.Module) -> dict[str, nn.Module]:
-    stages = {"connector": model.connector, "target body": model.target, "head": model.lm_head}
+    stages = {"connector": model.connector, "target body": model.target, "head": model.head}
     if model.source is not None:
         stages = {"source body": model.source.base_model, **stages}
     return stages
@@ -164,7 +164,7 @@ def profile_train(plan, out: io.StringIO, configs: tuple[str, ...]) -> None:
         frozen_head = config == "with_cache_head_frozen"
         model = train_model("with_cache" if frozen_head else config, plan)
         if frozen_head:
-            model.lm_head.requires_grad_(False)
+            model.head.requires_grad_(False)
         batch = train_inputs("with_cache" if frozen_head else config, plan, model)
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=1e-5)

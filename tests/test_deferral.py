@@ -133,3 +133,37 @@ def test_a_saved_model_defers_as_trained(model_folder, tokenizer, tmp_path):
 def test_a_combination_that_cannot_defer_says_why(model_folder, tokenizer, options, message):
     with pytest.raises(LLMModulesError, match=message):
         compose(model_folder, tokenizer, **{"defer_threshold": 0.5, **options})
+
+
+def test_the_threshold_is_chosen_on_the_development_world_only():
+    """defer_worlds.choose_threshold reads the development world's validation facts; held-out worlds cannot move it."""
+    import defer_worlds as bench
+
+    def world(seed, validation_by_eta, test_by_eta, mix=0.9):
+        rows = {bench.DEFER_ROW.name: {"validation": [mix, mix], "test": [{"all": mix, "seen": mix, "unseen": mix}] * 2},
+                bench.DEMO_ROW.name: {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]},
+                "deferral": {str(t): {"validation": [v], "test": [{"all": x, "seen": x, "unseen": x - 0.1}],
+                                      "decoding": [{"source_position_fraction": 1 - t, "source_calls": 3}]}
+                             for (t, v), x in zip(validation_by_eta.items(), test_by_eta.values())}}
+        return {"world_seed": seed, "rows": rows}
+
+    development = world(0, {0.2: 0.9, 0.5: 0.89, 0.8: 0.5}, {0.2: 0.0, 0.5: 0.0, 0.8: 0.0})
+    assert bench.choose_threshold(development) == 0.5  # the largest η within SLACK of the mixture's validation
+    held_out = world(3, {0.2: 0.0, 0.5: 0.0, 0.8: 1.0}, {0.2: 0.9, 0.5: 0.85, 0.8: 1.0})
+    summary = bench.summary({"worlds": {"0": development, "3": held_out}})
+    assert summary["chosen_threshold"] == 0.5 and summary["held_out_worlds"] == [3]
+    assert summary["defer_source_position_fraction"] == pytest.approx(0.5)
+    assert summary["defer_accuracy_minus_mix"] == pytest.approx(100 * (0.75 - 0.9))  # min over seen and unseen
+
+
+def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tokenizer, tmp_path):
+    from llm_modules.serving.models import load_served_models
+
+    compose(model_folder, tokenizer, mixture_gate="target_confidence").save_pretrained(tmp_path / "defers")
+    (served,) = load_served_models(tmp_path / "defers", defer_threshold=0.3)
+    assert served.model.config.defer_threshold == 0.3
+    served.model.generate(**inputs(tokenizer), max_new_tokens=3, do_sample=False)
+    assert served.model.last_deferral is not None
+    compose(model_folder, tokenizer, mixture_gate="confidence").save_pretrained(tmp_path / "reads-source")
+    with pytest.raises(LLMModulesError, match="reads only the target"):
+        load_served_models(tmp_path / "reads-source", defer_threshold=0.3)

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None, help="the composed model's id in the API (default: RUN's name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--defer-threshold", type=float, default=None, metavar="ETA",
+                        help="deferral decoding: the source runs only where the gate's source weight >= ETA "
+                             "(default: the saved model's own, if any; model/deferral.py)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="largest max_tokens a request may ask")
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
@@ -64,7 +67,8 @@ def serve_main(argv: list[str]) -> int:
         batch=BatchLimits(max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue),
     )
-    models = load_served_models(args.run, compare, args.device, args.model_name, args.max_model_len)
+    models = load_served_models(args.run, compare, args.device, args.model_name, args.max_model_len,
+                                args.defer_threshold)
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
               "(there is no authentication; put a proxy in front to add one)", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import LLMModulesError
+from ..model.configuration import check_can_defer
 from ..model.loading import load_causal_lm, load_tokenizer
 from ..training.data import Renderer
 from .batching import BatchEngine, BatchLimits
@@ -65,9 +66,11 @@ class ServedModel:
 
 # ----------------------------------------------------------------------------------------------- loading
 def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str = "cpu",
-                       name: str | None = None, max_model_len: int | None = None) -> list[ServedModel]:
+                       name: str | None = None, max_model_len: int | None = None,
+                       defer_threshold: float | None = None) -> list[ServedModel]:
     """The composed model saved in ``run`` and, for each role in ``compare`` ("source", "target"), that model
-    alone. Errors a user can fix (no such folder, a target that exists only as a config) are ``LLMModulesError``."""
+    alone. Errors a user can fix (no such folder, a target that exists only as a config) are ``LLMModulesError``.
+    ``defer_threshold``: serve the composed model with deferral decoding at this η (its saved η otherwise)."""
     from ..model.modeling import LLMModulesForCausalLM
 
     unknown = sorted(set(compare) - {"source", "target"})
@@ -77,6 +80,9 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
     if not folder.is_dir():
         raise LLMModulesError(f"{folder} is not a folder; give a folder written by save_pretrained() / llm-modules train")
     composed = LLMModulesForCausalLM.from_pretrained(folder).to(device).eval()
+    if defer_threshold is not None:
+        composed.config.defer_threshold = defer_threshold
+        check_can_defer(composed.config)  # the error says why this composition cannot defer
     tokenizer = composed.tokenizer or load_tokenizer(str(folder), "saved model")
     settings = _trained_settings(folder)
     served = [_served(name or folder.name, "composed", composed, tokenizer, max_model_len, settings)]

@@ -1,0 +1,184 @@
+"""End-to-end time per answer of every configuration the README names, at the paper's shapes (issue 25, item 3).
+
+    python benchmarks/defer_speed.py                    # Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped target
+    python benchmarks/defer_speed.py --shapes tiny      # a smoke run
+
+Time per answer = the prompt's prefill plus ``--new-tokens`` decoded greedily (no early stop), batch 1, median of
+``--repeats``; every configuration is measured in the same run, so the ratios hold on a noisy machine. The per-step
+column is secondary: (time per answer - time of the prefill and one token) / (new tokens - 1).
+
+Configurations: the target alone, the source alone, fusion with prompt memory (blocks before every 4th target
+layer; the source reads the prompt once), the every-token mixture (fusion, no blocks, ``source_mix``: the source
+reads along at every token) and deferral at three η. Weights are random (N(0, 0.02)), so accuracy is not measured
+here, and a random gate's decisions mean nothing: each η is set to a quantile of the random gate's source weight so
+that the source is called at about 10%, 30% and 60% of positions, and the fraction measured while decoding is
+reported beside its time. Accuracy beside speed, on trained models: ``benchmarks/defer_worlds.py``. The mixture
+needs one vocabulary, so the GPT-Neo-125M-shaped target here has the source's 151,936-row vocabulary (the paper's
+GPT-Neo has 50,257); ``defer_end_to_end_vs_source`` is read at the η whose measured fraction is nearest the held-out
+worlds' (``defer-worlds.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoConfig
+
+from composed_bench.machine import git_commit, machine_description
+from composed_bench.models import random_causal_lm, source_config
+from llm_modules.model.modeling import LLMModulesForCausalLM
+from llm_modules.tiny import build_tokenizer, tiny_config
+
+RESULTS = Path("benchmarks/results")
+CALL_FRACTIONS = (0.1, 0.3, 0.6)  # where the random gate's η puts the source's calls
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def target_config(shapes: str, vocab_size: int):
+    """GPT-Neo-125M's body with the source's vocabulary (a mixture reads one vocabulary), or a tiny one."""
+    if shapes == "tiny":
+        return tiny_config("gpt_neo", vocab_size=vocab_size, hidden=64, layers=2, heads=4, max_positions=2048,
+                           tokenizer=build_tokenizer())
+    return GPTNeoConfig(
+        vocab_size=vocab_size, hidden_size=768, num_layers=12, num_heads=12,
+        attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,
+        activation_function="gelu_new", embed_dropout=0.0, resid_dropout=0.0, attention_dropout=0.0,
+        layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0, tie_word_embeddings=True,
+    )
+
+
+@torch.no_grad()
+def time_answer(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median seconds per answer (prefill + new_tokens) and the derived per-step median."""
+
+    def once(tokens: int) -> float:
+        start = time.perf_counter()
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start
+
+    once(2)  # warm-up
+    whole = statistics.median(once(new_tokens) for _ in range(repeats))
+    first = statistics.median(once(1) for _ in range(repeats))
+    return {"seconds_per_answer": whole, "prefill_and_first_token": first,
+            "seconds_per_step": (whole - first) / max(new_tokens - 1, 1)}
+
+
+@torch.no_grad()
+def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int) -> list[float]:
+    """η per CALL_FRACTIONS: quantiles of the random gate's source weight over a greedy every-token continuation."""
+    model.config.defer_threshold = None
+    sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+    output = model.target(input_ids=sequence, output_hidden_states=True)
+    weights = model.head.mixture.source_weight(output.hidden_states[-1], output.logits.float().log_softmax(-1))
+    decoded = weights[0, prompt.shape[1] - 1:].float()
+    return [float(torch.quantile(decoded, 1 - f)) for f in CALL_FRACTIONS]
+
+
+def held_out_fraction() -> float | None:
+    path = RESULTS / "defer-worlds.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("summary", {}).get("defer_source_position_fraction")
+
+
+def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    source = random_causal_lm(source_config(shapes), torch.float32, "cpu")
+    vocab = int(source.config.vocab_size)
+    target = random_causal_lm(target_config(shapes, vocab), torch.float32, "cpu", seed=1)
+    tokenizer = build_tokenizer()  # stands in for the one tokenizer: the inputs are ids
+    common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", attention_dropout=0.0)
+    prompt = torch.randint(1, min(vocab, 30000), (1, prompt_length))
+    rows: dict[str, dict] = {}
+    log(f"{shapes} shapes: source {sum(p.numel() for p in source.parameters()) / 1e6:.0f}M, target "
+        f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters; prompt {prompt_length}, "
+        f"{new_tokens} new tokens, {repeats} repeats")
+    rows["target_alone"] = time_answer(target, prompt, new_tokens, repeats)
+    rows["source_alone"] = time_answer(source, prompt, new_tokens, repeats)
+    torch.manual_seed(1)
+    fusion = LLMModulesForCausalLM.compose(source, target, memory="prompt", **common).eval()
+    rows["fusion_prompt_memory"] = time_answer(fusion, prompt, new_tokens, repeats)
+    del fusion
+    torch.manual_seed(1)
+    mixture = LLMModulesForCausalLM.compose(source, target, memory="sequence", head="source_mix", fusion_layers=[],
+                                            mixture_gate="target_confidence", **common).eval()
+    rows["every_token_mixture"] = time_answer(mixture, prompt, new_tokens, repeats)
+    for fraction, threshold in zip(CALL_FRACTIONS, calibrated_thresholds(mixture, prompt, new_tokens)):
+        mixture.config.defer_threshold = threshold
+        row = time_answer(mixture, prompt, new_tokens, repeats)
+        with torch.no_grad():  # the fraction of one whole answer (the timing's last call decoded one token)
+            mixture.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        (report,) = mixture.last_deferral.report()
+        row.update(defer_threshold=threshold, aimed_fraction=fraction,
+                   source_position_fraction=report["source_position_fraction"], source_calls=report["source_calls"])
+        rows[f"deferral_eta_{threshold:.3f}"] = row
+    source_time = rows["source_alone"]["seconds_per_answer"]
+    for row in rows.values():
+        row["vs_source_alone"] = row["seconds_per_answer"] / source_time
+    return rows
+
+
+def headline(rows: dict) -> dict:
+    """defer_end_to_end_vs_source at the η whose decoding fraction is nearest the held-out worlds'."""
+    deferral = {k: v for k, v in rows.items() if k.startswith("deferral")}
+    reference = held_out_fraction()
+    aim = reference if reference is not None else CALL_FRACTIONS[1]
+    name = min(deferral, key=lambda k: abs(deferral[k]["source_position_fraction"] - aim))
+    return {"defer_end_to_end_vs_source": deferral[name]["vs_source_alone"], "at": name,
+            "its_source_position_fraction": deferral[name]["source_position_fraction"],
+            "held_out_source_position_fraction": reference,
+            "note": "random weights: the time of a configuration at this fraction of source calls, not its accuracy"}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, float32)", "",
+             f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
+             f"median of {result['repeats']}; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
+             "`defer-worlds.md`).", "",
+             "| configuration | s / answer (end to end) | × source alone | source ran at | source calls | s / step (secondary) |",
+             "|---|---|---|---|---|---|"]
+    for name, row in result["rows"].items():
+        fraction = row.get("source_position_fraction")
+        ran = "100%" if name in ("source_alone", "every_token_mixture") else (
+            f"{fraction:.0%}" if fraction is not None else ("prompt only" if "prompt" in name else "never"))
+        lines.append(f"| {name} | {row['seconds_per_answer']:.2f} | {row['vs_source_alone']:.2f} | {ran} | "
+                     f"{row.get('source_calls', '')} | {row['seconds_per_step']:.3f} |")
+    lines += ["", "```json", json.dumps(result["summary"], indent=2), "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", choices=("paper", "tiny"), default="paper")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats)
+    result = {"shapes": args.shapes, "prompt": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "machine": machine_description("cpu"), "commit": git_commit(),
+              "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "rows": rows}
+    result["summary"] = headline(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"defer-speed-{args.shapes}-cpu-float32.json"
+    path.write_text(json.dumps(result, indent=2))
+    write_markdown(result, path.with_suffix(".md"))
+    log(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

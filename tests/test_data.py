@@ -210,3 +210,12 @@ def test_collator_pads_right_with_masked_labels():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["source_states"].shape == (2, 3, 4) and batch["source_states"][1, 1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("template, append_eos, expected", [
+    ("chat", True, "<|im_end|>"), ("plain", True, "<|eos|>"), ("plain", False, ""), ("raw", True, "<|eos|>"),
+])
+def test_end_of_turn_is_what_the_rendering_writes_after_a_reply(tokenizer, template, append_eos, expected):
+    from llm_modules.training.data import Renderer
+
+    assert Renderer(tokenizer, template, append_eos).end_of_turn() == expected

@@ -136,7 +136,7 @@ def test_exact_match_counts_extracted_answers_on_the_rows_of_the_loss(saved_mode
     model = LLMModulesForCausalLM.from_pretrained(saved_model)
     seen = {}
 
-    def fake_generations(model, tokenizer, prompts, max_new_tokens, batch_size):
+    def fake_generations(model, tokenizer, prompts, max_new_tokens, batch_size, end_of_turn=""):
         seen["prompts"] = prompts
         return ["3 + 4 = 7\n#### 7", "The answer is 35.", "I am not sure."]
 
@@ -188,3 +188,20 @@ def test_eval_user_mistakes_exit_2(saved_model, gsm_file, tmp_path, capsys):
     assert code == 2 and "missing.jsonl: no such file" in err
     code, _, err = run_eval([tmp_path / "no-model", "--data", gsm_file], capsys)
     assert code == 2 and "is not a folder" in err and "Traceback" not in err
+
+
+def test_a_reply_ends_at_its_turn_and_keeps_answer_markers_a_tokenizer_holds_as_special_tokens():
+    from llm_modules.evaluation.evaluate import ANSWER_MARKERS, decode_reply, stop_token_ids
+    from llm_modules.tiny import build_tokenizer
+    from llm_modules.training.data import Renderer
+
+    tokenizer = build_tokenizer(extra_special_tokens=list(ANSWER_MARKERS))  # as the fact world's tokenizer does
+    stops = stop_token_ids(tokenizer, Renderer(tokenizer, "chat").end_of_turn())
+    assert stops == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    text = ("<|im_start|>9 2 <|begin_of_solution|> 9 2 <|end_of_solution|><|im_end|>\n<|im_start|>assistant\n"
+            "<|begin_of_solution|> 1 1 <|end_of_solution|>")
+    generated = tokenizer(text, add_special_tokens=False).input_ids
+    assert extract_answer(tokenizer.decode(generated, skip_special_tokens=True)) is None  # the markers were erased
+    reply = decode_reply(tokenizer, generated, stops)
+    assert reply == "9 2 <|begin_of_solution|> 9 2 <|end_of_solution|>"  # other special tokens dropped, the turn ended
+    assert extract_answer(reply) == "9 2"

@@ -24,6 +24,7 @@ from typing import Sequence
 from .compare_config import CompareConfig, WorldSettings, config_from_mapping, demo_config, load_compare_config
 from ..errors import LLMModulesError
 from .factworld.composition import build_composition_world
+from .factworld.export import check_export_folder, commands, export_demo, exportable_rows
 from .factworld.lm import build_world_tokenizer
 from .factworld.methods import Budget, MethodRun, MethodSpec, Workbench, recall_report, run_method
 from .factworld.metrics import target_skill
@@ -172,6 +173,11 @@ def run_all(config: CompareConfig, bench: Workbench, progress: bool = True) -> t
 
 def compare(config: CompareConfig, progress: bool = True) -> dict:
     """Run the whole comparison; write the report into ``config.output``; return results.json's content."""
+    return run_comparison(config, progress)[0]
+
+
+def run_comparison(config: CompareConfig, progress: bool = True) -> tuple[dict, Workbench]:
+    """``compare``, also returning the bench it built (the world and the two pretrained models)."""
     from .report import build_results, write_report
 
     output = Path(config.output)
@@ -184,15 +190,21 @@ def compare(config: CompareConfig, progress: bool = True) -> dict:
     results = build_results(config, bench, pretraining, runs, sweep, time.perf_counter() - start)
     with one_thread():
         write_report(results, runs, bench, output)
-    return results
+    return results, bench
 
 
-def _parse(argv: list[str], prog: str, default_output: str) -> tuple[CompareConfig, bool]:
+def _parse(argv: list[str], prog: str, default_output: str, demo: bool = False
+           ) -> tuple[CompareConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog=prog, description="Every transfer method on the fact world, one report.")
     parser.add_argument("--config", help="compare.yaml (see examples/compare.yaml)")
     parser.add_argument("--output", help=f"folder for report.md, results.json and plots (default {default_output})")
     parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    if demo:
+        parser.add_argument("--export", metavar="DIR", help="also write the parents, the data and the best row as "
+                            "an `llm-modules train` config (DIR/train.yaml) into DIR, a new or empty folder")
+        parser.add_argument("--export-method", metavar="NAME",
+                            help="the row to export (default: the best composed row)")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest)
     if args.config:
@@ -215,7 +227,7 @@ def _parse(argv: list[str], prog: str, default_output: str) -> tuple[CompareConf
         config.output = args.output
     if args.seeds:
         config.seeds = [int(s) for s in args.seeds.split(",") if s]
-    return config, not args.quiet
+    return config, args
 
 
 def _print_summary(results: dict, output: Path, seconds: float) -> None:
@@ -230,9 +242,9 @@ def compare_main(argv: list[str]) -> int:
         from .real.table import real_main
 
         return real_main(argv)
-    config, progress = _parse(argv, "llm-modules compare", "runs/compare")
+    config, args = _parse(argv, "llm-modules compare", "runs/compare")
     start = time.perf_counter()
-    results = compare(config, progress)
+    results = compare(config, not args.quiet)
     _print_summary(results, Path(config.output), time.perf_counter() - start)
     return 0
 
@@ -250,12 +262,23 @@ def _is_real_table(argv: list[str]) -> bool:
 
 def demo_main(argv: list[str]) -> int:
     """The README's main job: the comparison on a smaller world, sized for 2 CPU cores in < 10 minutes."""
-    config, progress = _parse(argv, "llm-modules demo", "runs/demo")
+    config, args = _parse(argv, "llm-modules demo", "runs/demo", demo=True)
+    export = Path(args.export) if args.export else None
+    if args.export_method and export is None:
+        raise LLMModulesError("--export-method names the row to export; give --export DIR too")
+    if export is not None:  # checked before minutes of pretraining
+        check_export_folder(export)
+        exportable_rows(config.methods, args.export_method)
     if config.note:
         log(config.note)
     start = time.perf_counter()
-    results = compare(config, progress)
+    results, bench = run_comparison(config, not args.quiet)
     _print_summary(results, Path(config.output), time.perf_counter() - start)
+    if export is not None:
+        train_yaml = export_demo(bench, config.methods, config.budget, config.seeds, results, export,
+                                 args.export_method)
+        print(f"\nexported the parents, the data and {train_yaml.name} (the row) to {export}/; train and score it "
+              "with\n  " + "\n  ".join(commands(train_yaml.parent)))
     return 0
 
 

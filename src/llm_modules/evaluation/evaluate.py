@@ -142,17 +142,49 @@ def answer_nll(model, examples: list[dict], pad_token_id: int, batch_size: int =
     return total, count
 
 
+# The markers the answer extraction reads; a tokenizer may hold them as special tokens (the fact world's does).
+ANSWER_MARKERS = ("<|begin_of_solution|>", "<|end_of_solution|>")
+
+
+def stop_token_ids(tokenizer, end_of_turn: str = "") -> list[int]:
+    """The ids that end a reply: EOS, and the end-of-turn marker of the rendering when it is one token."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if end_of_turn:
+        ids = tokenizer(end_of_turn, add_special_tokens=False).input_ids
+        if len(ids) == 1 and ids[0] not in stops:
+            stops.append(ids[0])
+    return stops
+
+
+def decode_reply(tokenizer, ids: list[int], stops: list[int]) -> str:
+    """The generated ``ids`` up to the first stop id (or padding), as text without special tokens except the
+    answer markers (``ANSWER_MARKERS``): a tokenizer that holds them as special tokens would otherwise erase them."""
+    keep = set(tokenizer.convert_tokens_to_ids(list(ANSWER_MARKERS))) & set(tokenizer.all_special_ids)
+    ended = {*stops, tokenizer.pad_token_id} - {None}
+    reply: list[int] = []
+    for token in ids:
+        if token in ended:
+            break
+        if token in keep or token not in tokenizer.all_special_ids:
+            reply.append(token)
+    return tokenizer.decode(reply, skip_special_tokens=False)
+
+
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 4) -> list[str]:
-    """Greedy continuations of ``prompts`` (left padding), decoded without special tokens."""
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 256, batch_size: int = 4,
+                   end_of_turn: str = "") -> list[str]:
+    """Greedy continuations of ``prompts`` (left padding), each ending at EOS or at ``end_of_turn`` (the rendering's
+    end-of-turn marker, e.g. "<|im_end|>"), decoded by :func:`decode_reply`."""
     device = next(p for p in model.parameters()).device
+    stops = stop_token_ids(tokenizer, end_of_turn)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         inputs = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        generated = model.generate(**inputs.to(device), max_new_tokens=max_new_tokens, do_sample=False)
+        ending = {"eos_token_id": stops} if stops else {}
+        generated = model.generate(**inputs.to(device), max_new_tokens=max_new_tokens, do_sample=False, **ending)
         new = generated[:, inputs["input_ids"].shape[1]:]
-        outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+        outputs += [decode_reply(tokenizer, row, stops) for row in new.tolist()]
     return outputs
 
 
@@ -233,7 +265,8 @@ def evaluate(model, tokenizer, options: EvalOptions, data: EvalData | None = Non
         result["exact_match_note"] = ("no row has a reference answer to extract "
                                       "(#### n, solution block, \\boxed{}, answer: line)")
         return result
-    generations = greedy_answers(model, tokenizer, prompts, options.max_new_tokens, options.batch_size)
+    generations = greedy_answers(model, tokenizer, prompts, options.max_new_tokens, options.batch_size,
+                                 end_of_turn=renderer.end_of_turn())
     predictions = [extract_answer(text) for text in generations]
     correct = [answers_match(p, r) for p, r in zip(predictions, references)]
     result.update({

@@ -310,6 +310,14 @@ class Renderer:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         return self.render(messages[:last], add_generation_prompt=True)
 
+    def end_of_turn(self) -> str:
+        """The text this rendering puts after an assistant reply to end its turn ("<|im_end|>" for ChatML, the EOS
+        token for plain and raw text when ``append_eos``), found by rendering a probe reply; "" when there is none."""
+        probe = "\x00reply\x00"
+        messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": probe}]
+        text = self.render(messages)
+        return text[text.rindex(probe) + len(probe):].strip()
+
     def render_with_spans(self, messages: Sequence[Message], where: str = "") -> tuple[str, list[tuple[int, int]]]:
         """Full text and the [start, end) character spans of every assistant turn.
 

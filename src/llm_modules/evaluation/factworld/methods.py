@@ -290,20 +290,33 @@ def build_model(spec: MethodSpec, bench: Workbench, seed: int) -> nn.Module:
         return FrozenSourceHead(bench.source, len(bench.tokenizer))
     if spec.kind == "semalign":
         return semalign_world.build_model(spec.options, bench, seed)
-    options = dict(spec.options)
+    tokenizers = {"tokenizer": bench.tokenizer}
     if spec.kind == "fusion":
-        return LLMModulesForCausalLM.compose(
-            bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer, source_tokenizer=bench.tokenizer,
-            topology="fusion", **{"attention_dropout": 0.0, "fusion_every": 1, **options},
-        )
-    harness = {key: options.pop(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
-    options.setdefault("target_init", "pretrained")
-    options.setdefault("heads", 4)
-    options.setdefault("attention_dropout", 0.0)
-    model = LLMModulesForCausalLM.compose(bench.source, copy.deepcopy(bench.target), tokenizer=bench.tokenizer,
-                                          **options)
-    _apply_harness_options(model, bench.target, harness)
+        tokenizers["source_tokenizer"] = bench.tokenizer
+    model = LLMModulesForCausalLM.compose(bench.source, copy.deepcopy(bench.target), **tokenizers,
+                                          **composed_options(spec))
+    if spec.kind == "bridge":
+        _apply_harness_options(model, bench.target, harness_options(spec))
     return model
+
+
+def composed_options(spec: MethodSpec) -> dict[str, Any]:
+    """The ``compose()`` options (``ComposeOptions`` fields, the topology included) a composed method's model is built
+    with: its own options over the harness's defaults (no dropout; fusion: a block before every layer unless
+    ``fusion_layers`` says otherwise; bridge: 4 heads, the target pretrained). ``llm-modules demo --export`` writes
+    exactly these into the exported run config."""
+    if spec.kind not in COMPOSED:
+        raise LLMModulesError(f"method {spec.name!r} (kind {spec.kind}) is not a composed model; it has no "
+                              "compose options")
+    options = {k: v for k, v in spec.options.items() if spec.kind == "fusion" or k not in HARNESS_OPTIONS}
+    if spec.kind == "fusion":
+        return {"topology": "fusion", "attention_dropout": 0.0, "fusion_every": 1, **options}
+    return {"topology": "bridge", "target_init": "pretrained", "heads": 4, "attention_dropout": 0.0, **options}
+
+
+def harness_options(spec: MethodSpec) -> dict[str, str]:
+    """A bridge's options that the harness applies itself (``HARNESS_OPTIONS``), defaults filled in."""
+    return {key: spec.options.get(key, allowed[0]) for key, allowed in HARNESS_OPTIONS.items()}
 
 
 def _apply_harness_options(model: LLMModulesForCausalLM, target: PreTrainedModel, harness: dict) -> None:
@@ -398,6 +411,11 @@ class Budget:
     patience: int = 3
     validation_facts: int = 64
 
+    @property
+    def mixture_rate(self) -> float:
+        """The mixture gate's learning rate: ``mixture_lr``, else ``lr``."""
+        return self.mixture_lr or self.lr
+
 
 @dataclass
 class MethodRun:
@@ -419,7 +437,7 @@ def _optimizer_groups(spec: MethodSpec, model: nn.Module, budget: Budget) -> lis
     if spec.kind in COMPOSED:
         # a fusion model's mixture gate: a linear probe of the target's state (and of how sure each path is, with
         # mixture_gate=confidence), in its own group as ``llm-modules train`` trains it (lr_mixture)
-        lrs = {"connector": budget.lr, "target": budget.target_lr, "mixture": budget.mixture_lr or budget.lr}
+        lrs = {"connector": budget.lr, "target": budget.target_lr, "mixture": budget.mixture_rate}
         return parameter_groups(model, lrs)
     return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": budget.lr}]
 
@@ -524,7 +542,9 @@ __all__ = [
     "MethodSpec",
     "Workbench",
     "bridge_spec",
+    "composed_options",
     "default_methods",
+    "harness_options",
     "method_from_mapping",
     "recall_report",
     "run_method",

@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
 
 from .compare_config import CompareConfig, WorldSettings, config_from_mapping, demo_config, load_compare_config
 from ..errors import LLMModulesError

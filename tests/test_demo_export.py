@@ -36,7 +36,9 @@ def bench():
 
 
 def results_of(**accuracies: list[float]) -> dict:
-    return {"methods": {name: {"test_accuracy": values} for name, values in accuracies.items()}}
+    """Results with these test accuracies per seed (validation: the same unless ``choose_row``'s test sets it)."""
+    return {"methods": {name: {"test_accuracy": values, "validation_accuracy": values}
+                        for name, values in accuracies.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,8 @@ def test_the_row_is_the_best_composed_one_or_the_one_named():
     methods = [bridge_spec(), ROW, frozen]
     results = results_of(**{bridge_spec().name: [0.3], ROW.name: [0.2], frozen.name: [0.9]})
     assert choose_row(methods, results) == bridge_spec()
+    results["methods"][ROW.name]["validation_accuracy"] = [0.5]  # chosen on validation facts, never on test
+    assert choose_row(methods, results) == ROW
     assert choose_row(methods, results, ROW.name) == ROW
     with pytest.raises(LLMModulesError, match="is not a composed row"):
         choose_row(methods, results, frozen.name)

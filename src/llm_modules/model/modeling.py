@@ -94,6 +94,7 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
         self.tokenizer = tokenizer
         self.source_tokenizer = source_tokenizer if source_tokenizer is not None else tokenizer
         self.topology = topology
+        self.last_deferral = None  # deferral decoding's counts of the last generation (deferral.DeferralState)
         topology.attach(self)
         self._freeze()
 

@@ -1,16 +1,15 @@
 """``LLMModulesForCausalLM``: a frozen source model read by a small target, as one HF model.
 
-The model is the same whatever the wiring; what differs lives in its topology, chosen once at construction
-(``builder.topology_for``):
+The model is the same whatever the wiring; what differs lives in its topology, chosen once (``topologies.py``):
 
 - ``bridge.py``: the paper's released architecture. The source's states pass through Enhanced
   Cross-Attention into the target's ``inputs_embeds``; a head predicts source tokens.
 - ``fusion.py``: the target keeps its tokenizer, embeddings and head; gated cross-attention blocks
   inserted before some of its layers read the source (Flamingo/CALM); ``processing.py`` aligns two tokenizers.
 
-The other parts: ``heads.py`` (output heads, modules that own their weights), ``loss.py``, ``decoding.py``
-(``generate()`` plumbing), ``serialization.py`` (save/load: trainable weights only; source and frozen target are
-referenced), ``builder.py`` (``compose``).
+The other parts: ``heads.py`` (output heads owning their weights), ``loss.py``, ``deferral.py``, ``decoding.py``
+(``generate()`` plumbing), ``serialization.py`` (save/load: trainable weights only; the source and a frozen target
+are referenced), ``builder.py`` (``compose``).
 """
 
 from __future__ import annotations

@@ -114,10 +114,22 @@ class SourceMixture(nn.Module):
         # the gate kept choosing the source where the barely trained new head was worse (the training loss
         # stalled at 0.28, -log 0.5 on format tokens), so training also adds the base head's own cross-entropy
         # (the model returns head_logits for that).
+        return self.weights_given(hidden, self.gate_features(paths))
+
+    def gate_features(self, paths: list[torch.Tensor]) -> torch.Tensor | None:
+        """What the gate reads of the paths [B, t, V] besides the state: [B, t, 2 per path read] (their largest
+        probability and entropy; the base path's alone for a target-only gate), or None for a state-only gate.
+        No gradient flows into the paths through their confidence."""
+        if not self.confidence:
+            return None
+        read = paths[-1:] if self.target_only else paths
+        return torch.cat([confidence_features(path.detach()) for path in read], -1)
+
+    def weights_given(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """The weights [B, t, paths] from the state [B, t, d_t] and ``gate_features`` (cached ones: a gate trained
+        on stored features, as benchmarks/defer_gsm8k.py does)."""
         gate_input = hidden.to(self.mix_gate.weight.dtype)
-        if self.confidence:  # no gradient flows into the paths through their confidence
-            read = paths[-1:] if self.target_only else paths
-            features = torch.cat([confidence_features(path.detach()) for path in read], -1)
+        if features is not None:
             gate_input = torch.cat([gate_input, features.to(gate_input.dtype)], -1)
         logits = self.mix_gate(gate_input).float()
         count = 3 if self.pointer else 2

@@ -31,9 +31,9 @@ import torch
 from transformers import GPTNeoConfig
 
 from composed_bench.machine import git_commit, machine_description
-from composed_bench.models import random_causal_lm, source_config
+from composed_bench.models import random_causal_lm, source_config, tiny_shapes
 from llm_modules.model.modeling import LLMModulesForCausalLM
-from llm_modules.tiny import build_tokenizer, tiny_config
+from llm_modules.tiny import build_tokenizer
 
 RESULTS = Path("benchmarks/results")
 CALL_FRACTIONS = (0.1, 0.3, 0.6)  # where the random gate's η puts the source's calls
@@ -46,8 +46,7 @@ def log(message: str) -> None:
 def target_config(shapes: str, vocab_size: int):
     """GPT-Neo-125M's body with the source's vocabulary (a mixture reads one vocabulary), or a tiny one."""
     if shapes == "tiny":
-        return tiny_config("gpt_neo", vocab_size=vocab_size, hidden=64, layers=2, heads=4, max_positions=2048,
-                           tokenizer=build_tokenizer())
+        return tiny_shapes("gpt_neo", vocab_size)
     return GPTNeoConfig(
         vocab_size=vocab_size, hidden_size=768, num_layers=12, num_heads=12,
         attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,

@@ -14,11 +14,16 @@ from llm_modules.tiny import build_tokenizer, tiny_config
 from .plan import Plan
 
 
+def tiny_shapes(family: str, vocab_size: int) -> PreTrainedConfig:
+    """The tiny stand-in of one side: 2 layers, 64 wide, 4 heads."""
+    return tiny_config(family, vocab_size=vocab_size, hidden=64, layers=2, heads=4, max_positions=2048,
+                       tokenizer=build_tokenizer())
+
+
 def source_config(shapes: str) -> PreTrainedConfig:
     """Qwen2-1.5B's config (paper) or a tiny Qwen2."""
     if shapes == "tiny":
-        return tiny_config("qwen2", vocab_size=1024, hidden=64, layers=2, heads=4, max_positions=2048,
-                           tokenizer=build_tokenizer())
+        return tiny_shapes("qwen2", 1024)
     return Qwen2Config(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=131072,
@@ -31,8 +36,7 @@ def source_config(shapes: str) -> PreTrainedConfig:
 def target_config(shapes: str) -> PreTrainedConfig:
     """GPT-Neo-125M's config (paper: 12 layers alternating global/local window 256) or a tiny GPT-Neo."""
     if shapes == "tiny":
-        return tiny_config("gpt_neo", vocab_size=512, hidden=64, layers=2, heads=4, max_positions=2048,
-                           tokenizer=build_tokenizer())
+        return tiny_shapes("gpt_neo", 512)
     return GPTNeoConfig(
         vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
         attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,

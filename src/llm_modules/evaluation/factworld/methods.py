@@ -119,18 +119,18 @@ def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str 
     return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
 
 
+def plain_specs(*kinds: str) -> list[MethodSpec]:
+    """Rows named by their kind, with no options (parents, skylines, baselines)."""
+    return [MethodSpec(kind, kind) for kind in kinds]
+
+
 def default_methods(world: str = "facts") -> list[MethodSpec]:
     """Every row issue 4 asks for, plus the bridge and fusion configurations that can read the source; for the
     composition world (issue 15) also the two skylines and the compositions that keep the target's skill."""
     if world == "composition":
         return composition_methods()
     return [
-        MethodSpec("target_alone", "target_alone"),
-        MethodSpec("target_finetuned", "target_finetuned"),
-        MethodSpec("source_alone", "source_alone"),
-        MethodSpec("source_head", "source_head"),
-        MethodSpec("source_finetuned", "source_finetuned"),
-        MethodSpec("distill_kd", "distill_kd"),
+        *plain_specs("target_alone", "target_finetuned", "source_alone", "source_head", "source_finetuned", "distill_kd"),
         bridge_spec(leaky=True, target_init="random"),  # the released code
         bridge_spec(leaky=False, target_init="random"),  # the released graph, made causal
         bridge_spec(leaky=True, target_init="pretrained"),
@@ -148,13 +148,8 @@ def composition_methods() -> list[MethodSpec]:
     """The composition world's rows: both parents, both skylines, every baseline, the paper's configurations and
     the bridges that keep the target's skill (a frozen target body, the new head started as the target's own)."""
     return [
-        MethodSpec("source_alone", "source_alone"),
-        MethodSpec("target_alone", "target_alone"),
-        MethodSpec("skyline_source_recalls_fact", "skyline_source_recalls_fact"),
-        MethodSpec("skyline_target_given_fact", "skyline_target_given_fact"),
-        MethodSpec("target_finetuned", "target_finetuned"),
-        MethodSpec("source_finetuned", "source_finetuned"),
-        MethodSpec("distill_kd", "distill_kd"),
+        *plain_specs("source_alone", "target_alone", "skyline_source_recalls_fact", "skyline_target_given_fact",
+                     "target_finetuned", "source_finetuned", "distill_kd"),
         bridge_spec(leaky=True, target_init="random"),  # the released code
         bridge_spec(leaky=False, target_init="random"),  # the released graph, made causal
         bridge_spec(leaky=False, target_init="pretrained"),

@@ -275,7 +275,9 @@ def real_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("output", args.output), ("docs", args.docs)) if v}
     config = load_real_config(args.config, overrides)
-    config.command = "llm-modules compare " + " ".join(argv)
+    # the command that makes one row: the config (and output folders) as given; --pair/--row are added per row
+    config.command = " ".join(["llm-modules compare --config", args.config]
+                              + [f"--{k} {v}" for k, v in (("output", args.output), ("docs", args.docs)) if v])
     if args.row and args.row not in ROWS:
         raise LLMModulesError(f"--row {args.row!r} is not a row; rows: {', '.join(ROWS)}")
     run_table(config, args.pair, args.row)

@@ -247,16 +247,23 @@ def run_table(config: RealTableConfig, only_pair: str | None = None, only_row: s
         entry = run_row(config, pair, row, seed, sets, source, source_params)
         entry["wall_seconds"] = round(time.perf_counter() - began, 1)
         results["rows"].setdefault(f"{pair}/{row}", {})[str(seed)] = entry
-        atomic_write_json(results_path, results)
-        if committed is not None:  # every seed's answers, committed with the report: the next machine resumes here
-            committed.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(committed, results)
+        _save(results, results_path, committed)
         progress.finish(entry["wall_seconds"])
         print(f"  {pair} / {row} / seed {seed}: ARC-Challenge {entry['arc_challenge']['accuracy']:.1%}, "
               f"MMLU {entry['mmlu']['accuracy']:.1%} ({entry['wall_seconds']:.0f} s)", file=sys.stderr, flush=True)
         write_report(results, config, sets)
+    _save(results, results_path, committed)
     write_report(results, config, sets)
     return results
+
+
+def _save(results: dict, path: Path, committed: Path | None) -> None:
+    """results.json, and its copy in docs: every seed's answers, committed with the report (the next machine
+    resumes from it)."""
+    atomic_write_json(path, results)
+    if committed is not None:
+        committed.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(committed, results)
 
 
 def _settings(config: RealTableConfig) -> dict:

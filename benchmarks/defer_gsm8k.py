@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from llm_modules.evaluation.evaluate import answers_match, extract_answer
 from llm_modules.model.loading import cpu_has_native_bf16
@@ -169,15 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     model = compose(MODELS / "qwen2.5-coder-1.5b-instruct", MODELS / "qwen2.5-coder-0.5b-instruct", dtype)
     tokenizer = model.tokenizer
-    gate_file = path.with_suffix(".gate.pt")
+    gate_file = path.with_suffix(".gate.safetensors")  # the trained gate, so that a restarted run decodes with it
     if gate_file.exists():
-        model.head.mixture.mix_gate.load_state_dict(torch.load(gate_file))
+        model.head.mixture.mix_gate.load_state_dict(load_file(gate_file))
     else:
         start = time.perf_counter()
         train = read_rows(Path(args.gsm8k) / "train.jsonl", args.train)
         cached = [gate_inputs(model, row["question"], row["answer"]) for row in train]
         losses = train_gate(model, cached, args.epochs, args.lr)
-        torch.save(model.head.mixture.mix_gate.state_dict(), gate_file)
+        save_file({k: v.contiguous() for k, v in model.head.mixture.mix_gate.state_dict().items()}, gate_file)
         weights = torch.cat([1 - model.head.mixture.weights_given(c["hidden"], c["features"])[:, -1] for c in cached])
         results["gate"] = {"train_rows": args.train, "positions": int(weights.numel()), "epochs": args.epochs,
                            "lr": args.lr, "loss_first": losses[0], "loss_last": losses[-1],

@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         cached = [gate_inputs(model, row["question"], row["answer"]) for row in train]
         losses = train_gate(model, cached, args.epochs, args.lr)
         save_file({k: v.contiguous() for k, v in model.head.mixture.mix_gate.state_dict().items()}, gate_file)
-        weights = torch.cat([1 - model.head.mixture.weights_given(c["hidden"], c["features"])[:, -1] for c in cached])
+        with torch.no_grad():
+            weights = torch.cat([1 - model.head.mixture.weights_given(c["hidden"], c["features"])[:, -1]
+                                 for c in cached])
         results["gate"] = {"train_rows": args.train, "positions": int(weights.numel()), "epochs": args.epochs,
                            "lr": args.lr, "loss_first": losses[0], "loss_last": losses[-1],
                            "mean_source_weight_on_train": float(weights.mean()),

@@ -167,3 +167,20 @@ def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tok
     compose(model_folder, tokenizer, mixture_gate="confidence").save_pretrained(tmp_path / "reads-source")
     with pytest.raises(LLMModulesError, match="reads only the target"):
         load_served_models(tmp_path / "reads-source", defer_threshold=0.3)
+
+
+@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
+def test_perturbing_the_future_leaves_deferral_past_logits_unchanged(model_folder, tokenizer, head):
+    """With η set, the forward applies the gate's choice per position: the past's logits must not see later tokens."""
+    model = compose(model_folder, tokenizer, head=head, mixture_gate="target_confidence")
+    batch = inputs(tokenizer, PROMPTS[:1])
+    model.config.defer_threshold = float(weights_seen(model, batch).median())
+    ids = batch.input_ids
+    cut = ids.shape[1] // 2
+    perturbed = ids.clone()
+    perturbed[:, cut:] = torch.randint(5, len(tokenizer), perturbed[:, cut:].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits[:, :cut]
+        after = model(input_ids=perturbed).logits[:, :cut]
+    torch.testing.assert_close(before, after, rtol=0, atol=1e-5)
+    assert not torch.equal(ids, perturbed)

@@ -2,8 +2,10 @@
 
     python benchmarks/defer_worlds.py --worlds 0          # the development world: η is chosen here
     python benchmarks/defer_worlds.py --worlds 3,4,5      # held-out worlds: the headline
+    python benchmarks/defer_worlds.py --kind facts        # the fact world (examples/compare.yaml's settings)
 
-Per world (the demo's composition world with another ``world.seed``; the demo's source, target and budget): the
+Per world (``--kind composition``: the demo's composition world with another ``world.seed``, the demo's source, target
+and budget; ``--kind facts``: the fact world of ``examples/compare.yaml``, where the source knows every answer): the
 parents, the demo's row (fusion, no blocks, ``source_mix``, a gate that reads both models' confidence: the
 every-token mixture) and the deferral row (the same, with a gate that reads the target alone:
 ``mixture_gate: target_confidence``), trained once per seed; the deferral row is then scored at every η of the grid
@@ -13,7 +15,7 @@ decoded again with ``generate()`` (cached deferral decoding) to count where the 
 η is chosen on the development world's validation facts only (``choose_threshold``): the largest η of the grid whose
 validation accuracy, mean over seeds, is within ``SLACK`` of the same model's every-token mixture. The held-out
 worlds report every η; their headline is the chosen one. Results go to ``benchmarks/results/defer-worlds.json``
-(world by world, so a killed run resumes) and ``defer-worlds.md``.
+(``defer-worlds-facts.json`` for the fact world; world by world, so a killed run resumes) and the same ``.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from llm_modules.evaluation.compare import build_bench
-from llm_modules.evaluation.compare_config import DEMO_METHODS, demo_config
+from llm_modules.evaluation.compare_config import DEMO_METHODS, CompareConfig, demo_config, load_compare_config
 from llm_modules.evaluation.factworld.lm import encode_trace
 from llm_modules.evaluation.factworld.methods import Workbench, fusion_spec, method_from_mapping, run_method, score
 from llm_modules.evaluation.factworld.pool import one_thread
@@ -39,7 +41,10 @@ DEVELOPMENT_WORLD = 0
 THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8)
 SLACK = 0.02
 RESULTS = Path("benchmarks/results")
+FACT_WORLD_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "compare.yaml"
+OUTPUTS = {"composition": RESULTS / "defer-worlds.json", "facts": RESULTS / "defer-worlds-facts.json"}
 TIMED_ANSWERS = 20  # test prompts timed per configuration (32 new tokens each)
+DECODED_ANSWERS = 60  # test answers decoded to count where the source ran (all 53 of the composition world)
 DEMO_ROW = method_from_mapping(DEMO_METHODS[-1])
 DEFER_ROW = fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="target_confidence")
 PARENTS = [method_from_mapping("target_alone"), method_from_mapping("source_alone")]
@@ -85,8 +90,18 @@ def seconds_per_answer(model, bench: Workbench, facts, new_tokens: int = 32) -> 
     return (time.perf_counter() - start) / len(facts)
 
 
-def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = False) -> dict:
-    config = demo_config()
+def world_config(kind: str) -> CompareConfig:
+    """The settings a world of ``kind`` is built and trained with: the demo's, or the fact world's."""
+    if kind == "composition":
+        return demo_config()
+    config = load_compare_config(FACT_WORLD_CONFIG)
+    # the gate's learning rate is the demo's (chosen on the composition world's development world), not tuned here
+    return replace(config, budget=replace(config.budget, mixture_lr=config.budget.mixture_lr or 3e-2))
+
+
+def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = False,
+              kind: str = "composition") -> dict:
+    config = world_config(kind)
     config = replace(config, world=replace(config.world, seed=world_seed), workers=1)
     if quick:  # a smoke run of the code path (numbers meaningless): a few steps of everything
         config = replace(config, source=replace(config.source, steps=20, eval_every=10),
@@ -95,7 +110,7 @@ def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = F
     with one_thread():
         bench, pretraining = build_bench(config, progress)
         validation = bench.world.validation[: config.budget.validation_facts]
-        result: dict = {"world_seed": world_seed, "seeds": seeds, "n_test": len(bench.world.test),
+        result: dict = {"world_seed": world_seed, "kind": kind, "seeds": seeds, "n_test": len(bench.world.test),
                         "n_validation": len(validation), "rows": {}}
         timed = bench.world.test[:TIMED_ANSWERS]
         for spec, model in zip(PARENTS, (bench.target, bench.source)):
@@ -121,7 +136,7 @@ def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = F
                 row["validation"].append(score(DEFER_ROW, model, bench, validation, probe_leak=False).accuracy)
                 row["test"].append(accuracies(score(DEFER_ROW, model, bench, bench.world.test, seed=seed,
                                                     probe_leak=False)))
-                row["decoding"].append(where_the_source_ran(model, bench, bench.world.test))
+                row["decoding"].append(where_the_source_ran(model, bench, bench.world.test[:DECODED_ANSWERS]))
                 row.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
                 log(f"world {world_seed} seed {seed} η={threshold}: validation {row['validation'][-1]:.0%}, test "
                     f"{row['test'][-1]['all']:.0%}, source ran at {row['decoding'][-1]['source_position_fraction']:.0%}")
@@ -170,7 +185,8 @@ def summary(results: dict) -> dict:
 
 
 def write_markdown(results: dict, path: Path) -> None:
-    lines = ["# Deferral on the demo's world (development) and on held-out worlds", "",
+    title = "the demo's world" if results.get("kind", "composition") == "composition" else "the fact world"
+    lines = [f"# Deferral on {title} (development) and on held-out worlds", "",
              f"`{results['command']}`. Test accuracy, mean over seeds {results['seeds']} (spread: half the range). "
              "η is chosen on the development world's validation facts only.", "",
              "| world | row | test | seen | unseen | source ran at | source calls / answer | ms / answer (prefill + 32 tokens) |",
@@ -206,12 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="0,3,4,5", help="world seeds; 0 is the development world")
     parser.add_argument("--seeds", default="0,1", help="training seeds of each trained row")
-    parser.add_argument("--output", default=str(RESULTS / "defer-worlds.json"))
+    parser.add_argument("--kind", choices=tuple(OUTPUTS), default="composition",
+                        help="the composition world (the demo's) or the fact world (examples/compare.yaml)")
+    parser.add_argument("--output", help="results file (default: benchmarks/results/defer-worlds[-facts].json)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything (numbers meaningless)")
     args = parser.parse_args(argv)
-    path = Path(args.output)
+    path = Path(args.output or OUTPUTS[args.kind])
     results = json.loads(path.read_text()) if path.exists() else {"worlds": {}}
+    results["kind"] = args.kind
     seeds = [int(s) for s in args.seeds.split(",")]
     results.update(seeds=seeds, thresholds=list(THRESHOLDS), slack=SLACK,
                    command="python benchmarks/defer_worlds.py " + " ".join(argv if argv is not None else sys.argv[1:]))
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if str(world) in results["worlds"]:
             log(f"world {world}: already in {path}, skipped")
             continue
-        finished = run_world(world, seeds, not args.quiet, args.quick)
+        finished = run_world(world, seeds, not args.quiet, args.quick, args.kind)
         if path.exists():  # another process may have written other worlds meanwhile (one world per process is fine)
             results["worlds"] = json.loads(path.read_text())["worlds"]
         results["worlds"][str(world)] = finished

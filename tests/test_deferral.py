@@ -184,3 +184,43 @@ def test_perturbing_the_future_leaves_deferral_past_logits_unchanged(model_folde
         after = model(input_ids=perturbed).logits[:, :cut]
     torch.testing.assert_close(before, after, rtol=0, atol=1e-5)
     assert not torch.equal(ids, perturbed)
+
+
+def test_a_price_per_source_call_keeps_the_gate_off_positions_where_the_source_gains_little(model_folder, tokenizer):
+    """defer_gsm8k's gate: the mixture's loss alone asks the source wherever it is even slightly better; with a
+    price λ per call the gate asks it only where its gain at the gold token is worth λ nats."""
+    import defer_gsm8k as bench
+
+    model = compose(model_folder, tokenizer, mixture_gate="target_confidence")
+    width, n = model.target.config.hidden_size, 256
+    hard = torch.arange(n) % 2 == 0  # the source gains 2.9 nats here; 0.29 elsewhere
+    hidden = torch.randn(n, width) * 0.1
+    hidden[:, 0] = torch.where(hard, 1.0, -1.0)
+    cached = {"hidden": hidden, "features": torch.rand(n, 2),
+              "target": torch.where(hard, -3.0, -0.3), "source": torch.where(hard, -0.1, -0.01),
+              "target_right": ~hard, "source_right": torch.ones(n, dtype=torch.bool)}
+    shares = {}
+    for call_cost in (0.0, 0.5):
+        bench.train_gate(model, cached, epochs=300, lr=3e-2, call_cost=call_cost)  # one batch an epoch
+        weights = 1 - model.head.mixture.weights_given(hidden, cached["features"])[:, -1].detach()
+        shares[call_cost] = ((weights[hard] > 0.5).float().mean().item(), (weights[~hard] > 0.5).float().mean().item())
+    assert shares[0.0][0] == 1.0 and shares[0.0][1] > 0.9  # free calls: the source (nearly) everywhere
+    assert shares[0.5] == (1.0, 0.0)  # priced calls: only where it gains more than the price
+    on_traces = bench.deferral_on_traces(model, cached, 0.5)
+    assert on_traces["source_share"] == pytest.approx(0.5) and on_traces["token_accuracy"] == 1.0
+
+
+def test_the_source_head_gets_row_major_strides_and_the_same_values():
+    """A last-position slice of a chunk ([1, 1, d] with stride P*d) reaches the source's head as a row-major copy
+    (on a CPU a bf16 linear reads such a view ~50x slower: benchmarks/strided_head.py); a row-major one is kept."""
+    from llm_modules.model.modeling import with_row_major_strides
+
+    chunk = torch.randn(1, 5, 8)
+    last = chunk[:, -1:]
+    assert last.is_contiguous() and last.stride() == (40, 8, 1)  # torch calls it contiguous; its first stride is P*d
+    copied = with_row_major_strides(last)
+    assert copied.stride() == (8, 8, 1) and torch.equal(copied, last)
+    batch = torch.randn(2, 5, 8)[:, -1:]  # rows of a batch: not contiguous at all
+    assert with_row_major_strides(batch).stride() == (8, 8, 1)
+    fresh = torch.randn(2, 3, 8)
+    assert with_row_major_strides(fresh) is fresh

@@ -15,7 +15,6 @@ Results: ``benchmarks/results/catch-up-cost-<shapes>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from composed_bench.machine import git_commit, machine_description
+from composed_bench.report import write_json_and_markdown
 from composed_bench.models import random_causal_lm, source_config
 
 RESULTS = Path("benchmarks/results")
@@ -83,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"shapes": args.shapes, "prompt": args.prompt, "repeats": args.repeats, "seconds": seconds,
               "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/catch_up_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"catch-up-cost-{args.shapes}.json"
-    path.write_text(json.dumps(result, indent=2))
-    write_markdown(result, path.with_suffix(".md"))
-    log(f"wrote {path} and {path.with_suffix('.md')}")
+    write_json_and_markdown(result, RESULTS / f"catch-up-cost-{args.shapes}.json", write_markdown)
     return 0
 
 

@@ -31,6 +31,7 @@ import torch
 from transformers import GPTNeoConfig
 
 from composed_bench.machine import git_commit, machine_description
+from composed_bench.report import write_json_and_markdown
 from composed_bench.models import random_causal_lm, source_config, tiny_shapes
 from llm_modules.model.modeling import LLMModulesForCausalLM
 from llm_modules.tiny import build_tokenizer
@@ -171,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     result["summary"] = headline(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"defer-speed-{args.shapes}-cpu-float32.json"
-    path.write_text(json.dumps(result, indent=2))
-    write_markdown(result, path.with_suffix(".md"))
-    log(f"wrote {path} and {path.with_suffix('.md')}")
+    write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-float32.json", write_markdown)
     return 0
 
 

@@ -224,3 +224,26 @@ def test_the_source_head_gets_row_major_strides_and_the_same_values():
     assert with_row_major_strides(batch).stride() == (8, 8, 1)
     fresh = torch.randn(2, 3, 8)
     assert with_row_major_strides(fresh) is fresh
+
+
+def test_the_speed_benchmarks_write_what_the_readme_reads(tmp_path, monkeypatch):
+    """benchmarks/defer_speed.py and catch_up_cost.py at tiny shapes: every configuration timed, the headline key
+    the issue names, one timing per chunk size; both as JSON and Markdown."""
+    import json
+
+    import catch_up_cost
+    import defer_speed
+
+    for module in (catch_up_cost, defer_speed):
+        monkeypatch.setattr(module, "RESULTS", tmp_path)
+    catch_up_cost.main(["--shapes", "tiny", "--repeats", "1"])
+    cost = json.loads((tmp_path / "catch-up-cost-tiny.json").read_text())
+    assert set(cost["seconds"]) == {"float32", "bfloat16"}
+    assert list(cost["seconds"]["float32"]) == [str(k) for k in catch_up_cost.CHUNKS]
+    defer_speed.main(["--shapes", "tiny", "--repeats", "1", "--new-tokens", "4", "--prompt", "8"])
+    speed = json.loads((tmp_path / "defer-speed-tiny-cpu-float32.json").read_text())
+    assert {"target_alone", "source_alone", "fusion_prompt_memory", "every_token_mixture"} <= set(speed["rows"])
+    assert sum(name.startswith("deferral_eta_") for name in speed["rows"]) == 3
+    assert speed["rows"]["source_alone"]["vs_source_alone"] == 1.0
+    assert "defer_end_to_end_vs_source" in speed["summary"]
+    assert (tmp_path / "defer-speed-tiny-cpu-float32.md").exists() and (tmp_path / "catch-up-cost-tiny.md").exists()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from .memory import GIB
@@ -77,3 +79,11 @@ def write_results(result: dict, folder: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     md_path.write_text(markdown(result))
     return json_path, md_path
+
+
+def write_json_and_markdown(result: dict, path: Path, write_markdown: Callable[[dict, Path], None]) -> None:
+    """A small benchmark's results: ``path`` (JSON) and the same stem's ``.md`` (``write_markdown``); says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    write_markdown(result, path.with_suffix(".md"))
+    print(f"wrote {path} and {path.with_suffix('.md')}", file=sys.stderr, flush=True)

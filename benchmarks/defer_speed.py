@@ -31,8 +31,8 @@ import torch
 from transformers import GPTNeoConfig
 
 from composed_bench.machine import git_commit, machine_description
-from composed_bench.report import write_json_and_markdown
 from composed_bench.models import random_causal_lm, source_config, tiny_shapes
+from composed_bench.report import write_json_and_markdown
 from llm_modules.model.modeling import LLMModulesForCausalLM
 from llm_modules.tiny import build_tokenizer
 

@@ -11,8 +11,8 @@ Configurations: the target alone, the source alone, fusion with prompt memory (b
 layer; the source reads the prompt once), the every-token mixture (fusion, no blocks, ``source_mix``: the source
 reads along at every token) and deferral at three η. Weights are random (N(0, 0.02)), so accuracy is not measured
 here, and a random gate's decisions mean nothing: each η is set to a quantile of the random gate's source weight so
-that the source is called at about 10%, 30% and 60% of positions, and the fraction measured while decoding is
-reported beside its time. Accuracy beside speed, on trained models: ``benchmarks/defer_worlds.py``. The mixture
+that the source is called at about 10%, 30% and 60% of positions, and at the fraction the held-out worlds measured
+(``defer-worlds.json``, when it is there), and the fraction measured while decoding is reported beside its time. Accuracy beside speed, on trained models: ``benchmarks/defer_worlds.py``. The mixture
 needs one vocabulary, so the GPT-Neo-125M-shaped target here has the source's 151,936-row vocabulary (the paper's
 GPT-Neo has 50,257); ``defer_end_to_end_vs_source`` is read at the η whose measured fraction is nearest the held-out
 worlds' (``defer-worlds.json``).
@@ -74,15 +74,15 @@ def time_answer(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> d
 
 
 @torch.no_grad()
-def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int) -> list[float]:
-    """η per CALL_FRACTIONS: quantiles of the random gate's source weight over a greedy every-token continuation."""
+def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fractions: list[float]) -> list[float]:
+    """η per fraction: quantiles of the random gate's source weight over a greedy every-token continuation."""
     model.config.defer_threshold = None
     sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0)
     output = model.target(input_ids=sequence, output_hidden_states=True)
     weights = model.head.mixture.source_weight(output.hidden_states[-1], output.logits.float().log_softmax(-1))
     decoded = weights[0, prompt.shape[1] - 1:].float()
-    return [float(torch.quantile(decoded, 1 - f)) for f in CALL_FRACTIONS]
+    return [float(torch.quantile(decoded, 1 - f)) for f in fractions]
 
 
 def held_out_fraction() -> float | None:
@@ -114,7 +114,9 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int) -> dict:
     mixture = LLMModulesForCausalLM.compose(source, target, memory="sequence", head="source_mix", fusion_layers=[],
                                             mixture_gate="target_confidence", **common).eval()
     rows["every_token_mixture"] = time_answer(mixture, prompt, new_tokens, repeats)
-    for fraction, threshold in zip(CALL_FRACTIONS, calibrated_thresholds(mixture, prompt, new_tokens)):
+    measured = held_out_fraction()
+    fractions = sorted({*CALL_FRACTIONS, *([round(measured, 3)] if measured is not None else [])})
+    for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompt, new_tokens, fractions)):
         mixture.config.defer_threshold = threshold
         row = time_answer(mixture, prompt, new_tokens, repeats)
         with torch.no_grad():  # the fraction of one whole answer (the timing's last call decoded one token)

@@ -1,21 +1,24 @@
 """Deferral on the demo's world and on worlds never used while developing (issue 25, item 4).
 
-    python benchmarks/defer_worlds.py --worlds 0          # the development world: η is chosen here
-    python benchmarks/defer_worlds.py --worlds 3,4,5      # held-out worlds: the headline
+    python benchmarks/defer_worlds.py --worlds 0,1,2      # the development worlds: λ and η are chosen here
+    python benchmarks/defer_worlds.py --worlds 6,7,8      # held-out worlds: the headline
     python benchmarks/defer_worlds.py --kind facts        # the fact world (examples/compare.yaml's settings)
 
 Per world (``--kind composition``: the demo's composition world with another ``world.seed``, the demo's source, target
 and budget; ``--kind facts``: the fact world of ``examples/compare.yaml``, where the source knows every answer): the
 parents, the demo's row (fusion, no blocks, ``source_mix``, a gate that reads both models' confidence: the
-every-token mixture) and the deferral row (the same, with a gate that reads the target alone:
-``mixture_gate: target_confidence``), trained once per seed; the deferral row is then scored at every η of the grid
-(the threshold is a decode-time choice, as in Co-LLM), on validation facts and on test facts, and its answers are
-decoded again with ``generate()`` (cached deferral decoding) to count where the source ran.
+every-token mixture) and the deferral rows (the same, with a gate that reads the target alone:
+``mixture_gate: target_confidence``, trained with a price λ per source call, ``source_call_price``), each trained
+once per seed; a deferral row is then scored at every η of the grid (the threshold is a decode-time choice, as in
+Co-LLM), on validation facts and on test facts, and its answers are decoded again with ``generate()`` (cached
+deferral decoding) to count where the source ran, on validation facts and on test facts.
 
-η is chosen on the development world's validation facts only (``choose_threshold``): the largest η of the grid whose
-validation accuracy, mean over seeds, is within ``SLACK`` of the same model's every-token mixture. The held-out
-worlds report every η; their headline is the chosen one. Results go to ``benchmarks/results/defer-worlds.json``
-(``defer-worlds-facts.json`` for the fact world; world by world, so a killed run resumes) and the same ``.md``.
+λ and η are chosen on the development worlds' validation facts only (``choose_deferral``): among the (λ, η) whose
+validation accuracy, mean over worlds and seeds, is within ``SLACK`` of the every-token mixture's (the demo's row),
+the one that calls the source at the fewest validation positions. A development world trains every λ of
+``PRICES``; a held-out world trains the chosen λ only (and λ = 0, the unpriced gate, for comparison), reports every
+η, and its headline is the chosen (λ, η). ``RETIRED_WORLDS`` says why worlds 3-5 are not held out any more. Results go to ``benchmarks/results/defer-worlds.json`` (``defer-worlds-facts.json`` for the
+fact world; world by world, so a killed run resumes) and the same ``.md``.
 """
 
 from __future__ import annotations
@@ -37,8 +40,18 @@ from llm_modules.evaluation.factworld.methods import Workbench, fusion_spec, met
 from llm_modules.evaluation.factworld.pool import one_thread
 from llm_modules.evaluation.factworld.world import END_SOLUTION
 
-DEVELOPMENT_WORLD = 0
+# λ and η are chosen on these worlds' validation facts (worlds 1 and 2 were development worlds of the composition
+# world's earlier rows: docs/results/composition-world{1,2}.json).
+DEVELOPMENT_WORLDS = (0, 1, 2)
+# Held out for the first rule, which chose λ and η on world 0's 19 validation facts alone: it chose λ = 0.3, which
+# lost 14 points against the every-token mixture on worlds 3 and 4 (it had matched it on world 0). That changed the
+# rule (three development worlds), so these worlds no longer count as held out; they stay in the table, labelled.
+RETIRED_WORLDS = (3, 4, 5)
 THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8)
+# λ, nats per source call. At a position where the source is sure of the gold token (p_s ~ 0.9) and the target is not
+# (p_t ~ 0.01), the mixture's loss pulls the gate open harder than a price below ~1 pushes it shut; where the source
+# gains a fraction of a nat, a price of 0.1-0.3 shuts it.
+PRICES = (0.0, 0.1, 0.3, 1.0)
 SLACK = 0.02
 RESULTS = Path("benchmarks/results")
 FACT_WORLD_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "compare.yaml"
@@ -46,7 +59,13 @@ OUTPUTS = {"composition": RESULTS / "defer-worlds.json", "facts": RESULTS / "def
 TIMED_ANSWERS = 20  # test prompts timed per configuration (32 new tokens each)
 DECODED_ANSWERS = 60  # test answers decoded to count where the source ran (all 53 of the composition world)
 DEMO_ROW = method_from_mapping(DEMO_METHODS[-1])
-DEFER_ROW = fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="target_confidence")
+
+
+def defer_row(price: float):
+    """The deferral row trained with a price λ per source call (λ = 0: the unpriced gate, the row's old name)."""
+    return fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="target_confidence",
+                       **({"source_call_price": price} if price else {}))
+
 PARENTS = [method_from_mapping("target_alone"), method_from_mapping("source_alone")]
 
 
@@ -95,12 +114,16 @@ def world_config(kind: str) -> CompareConfig:
     if kind == "composition":
         return demo_config()
     config = load_compare_config(FACT_WORLD_CONFIG)
-    # the gate's learning rate is the demo's (chosen on the composition world's development world), not tuned here
-    return replace(config, budget=replace(config.budget, mixture_lr=config.budget.mixture_lr or 3e-2))
+    # The target trains until it uses a recalled fact (the skill probe), up to the demo's 3,000 steps: at
+    # compare.yaml's 400 steps it answered 12% of the probe given the fact, and the every-token mixture 11% of test
+    # facts (runs/old: a mixture can only hand over what its target then uses), so deferral had nothing to keep.
+    # The gate's learning rate is the demo's (chosen on the composition world's development world), not tuned here.
+    return replace(config, target=replace(config.target, steps=max(config.target.steps, 3000), target_skill=0.99),
+                   budget=replace(config.budget, mixture_lr=config.budget.mixture_lr or 3e-2))
 
 
 def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = False,
-              kind: str = "composition") -> dict:
+              kind: str = "composition", prices: tuple[float, ...] = PRICES) -> dict:
     config = world_config(kind)
     config = replace(config, world=replace(config.world, seed=world_seed), workers=1)
     if quick:  # a smoke run of the code path (numbers meaningless): a few steps of everything
@@ -111,47 +134,66 @@ def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = F
         bench, pretraining = build_bench(config, progress)
         validation = bench.world.validation[: config.budget.validation_facts]
         result: dict = {"world_seed": world_seed, "kind": kind, "seeds": seeds, "n_test": len(bench.world.test),
-                        "n_validation": len(validation), "rows": {}}
+                        "n_validation": len(validation), "prices": list(prices), "rows": {}}
         timed = bench.world.test[:TIMED_ANSWERS]
         for spec, model in zip(PARENTS, (bench.target, bench.source)):
             result["rows"][spec.name] = {"test": accuracies(run_method(spec, bench, config.budget, 0, progress).scores),
                                          "seconds_per_answer": seconds_per_answer(model, bench, timed)}
         demo = result["rows"][DEMO_ROW.name] = {"test": [], "validation": []}
-        every = result["rows"][DEFER_ROW.name] = {"test": [], "validation": []}
-        deferred = result["rows"]["deferral"] = {str(t): {"test": [], "validation": [], "decoding": []}
-                                                 for t in THRESHOLDS}
+        deferred = result["rows"]["deferral"] = {}
         for seed in seeds:
             run = run_method(DEMO_ROW, bench, config.budget, seed, progress)
             demo["test"].append(accuracies(run.scores))
             demo["validation"].append(run.validation_accuracy)
             demo.setdefault("seconds_per_answer", []).append(seconds_per_answer(run.model.eval(), bench, timed))
-            run = run_method(DEFER_ROW, bench, config.budget, seed, progress)
-            every["test"].append(accuracies(run.scores))
-            every["validation"].append(run.validation_accuracy)
-            model = run.model.eval()
-            every.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
-            for threshold in THRESHOLDS:
-                model.config.defer_threshold = threshold
-                row = deferred[str(threshold)]
-                row["validation"].append(score(DEFER_ROW, model, bench, validation, probe_leak=False).accuracy)
-                row["test"].append(accuracies(score(DEFER_ROW, model, bench, bench.world.test, seed=seed,
-                                                    probe_leak=False)))
-                row["decoding"].append(where_the_source_ran(model, bench, bench.world.test[:DECODED_ANSWERS]))
-                row.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
-                log(f"world {world_seed} seed {seed} η={threshold}: validation {row['validation'][-1]:.0%}, test "
-                    f"{row['test'][-1]['all']:.0%}, source ran at {row['decoding'][-1]['source_position_fraction']:.0%}")
-            model.config.defer_threshold = None
+            for price in prices:
+                spec = defer_row(price)
+                every = result["rows"].setdefault(spec.name, {"price": price, "test": [], "validation": []})
+                run = run_method(spec, bench, config.budget, seed, progress)
+                every["test"].append(accuracies(run.scores))
+                every["validation"].append(run.validation_accuracy)
+                model = run.model.eval()
+                every.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
+                by_threshold = deferred.setdefault(f"{price:g}", {})
+                for threshold in THRESHOLDS:
+                    model.config.defer_threshold = threshold
+                    row = by_threshold.setdefault(str(threshold), {"test": [], "validation": [], "decoding": [],
+                                                                   "validation_decoding": []})
+                    row["validation"].append(score(spec, model, bench, validation, probe_leak=False).accuracy)
+                    row["validation_decoding"].append(where_the_source_ran(model, bench, validation))
+                    row["test"].append(accuracies(score(spec, model, bench, bench.world.test, seed=seed,
+                                                        probe_leak=False)))
+                    row["decoding"].append(where_the_source_ran(model, bench, bench.world.test[:DECODED_ANSWERS]))
+                    row.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
+                    log(f"world {world_seed} seed {seed} λ={price:g} η={threshold}: validation "
+                        f"{row['validation'][-1]:.0%} (source at {row['validation_decoding'][-1]['source_position_fraction']:.0%}), "
+                        f"test {row['test'][-1]['all']:.0%}, source ran at "
+                        f"{row['decoding'][-1]['source_position_fraction']:.0%}")
+                model.config.defer_threshold = None
     result["pretraining"] = {k: {"steps": v["steps"], "seconds": v["seconds"]} for k, v in pretraining.items()}
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-def choose_threshold(development: dict) -> float:
-    """The largest η whose validation accuracy (mean over seeds) is within SLACK of the every-token mixture's."""
-    reference = statistics.fmean(development["rows"][DEFER_ROW.name]["validation"])
-    allowed = [float(t) for t, row in development["rows"]["deferral"].items()
-               if statistics.fmean(row["validation"]) >= reference - SLACK]
-    return max(allowed, default=min(THRESHOLDS))
+def choose_deferral(development: list[dict]) -> tuple[float, float]:
+    """(λ, η) on the development worlds' validation facts: among those whose validation accuracy (mean over worlds and
+    seeds) is within SLACK of the every-token mixture's (the demo's row), the fewest validation positions where the
+    source ran (then the higher accuracy, then the smaller price); if none is within SLACK, the most accurate."""
+    reference = statistics.fmean(statistics.fmean(w["rows"][DEMO_ROW.name]["validation"]) for w in development)
+    candidates = []
+    for price, by_threshold in development[0]["rows"]["deferral"].items():
+        for threshold in by_threshold:
+            rows = [w["rows"]["deferral"][price][threshold] for w in development]
+            accuracy = statistics.fmean(statistics.fmean(row["validation"]) for row in rows)
+            calls = statistics.fmean(statistics.fmean(d["source_position_fraction"] for d in row["validation_decoding"])
+                                     for row in rows)
+            candidates.append((accuracy, calls, float(price), float(threshold)))
+    within = [c for c in candidates if c[0] >= reference - SLACK]
+    if within:
+        _, _, price, threshold = min(within, key=lambda c: (c[1], -c[0], c[2]))
+    else:
+        _, _, price, threshold = max(candidates, key=lambda c: (c[0], -c[1]))
+    return price, threshold
 
 
 def mean_test(rows: list[dict], key: str) -> float:
@@ -159,26 +201,30 @@ def mean_test(rows: list[dict], key: str) -> float:
 
 
 def summary(results: dict) -> dict:
-    """The keys the issue asks for, on the held-out worlds at the η chosen on the development world."""
+    """The keys the issue asks for, on the held-out worlds at the (λ, η) chosen on the development worlds."""
     worlds = {int(k): v for k, v in results["worlds"].items()}
-    if DEVELOPMENT_WORLD not in worlds:
+    if any(w not in worlds for w in DEVELOPMENT_WORLDS):
         return {}
-    threshold = choose_threshold(worlds[DEVELOPMENT_WORLD])
-    held_out = [w for k, w in sorted(worlds.items()) if k != DEVELOPMENT_WORLD]
-    out: dict = {"chosen_threshold": threshold, "chosen_on": f"world {DEVELOPMENT_WORLD}, validation facts",
+    price, threshold = choose_deferral([worlds[w] for w in DEVELOPMENT_WORLDS])
+    held_out = [w for k, w in sorted(worlds.items()) if k not in DEVELOPMENT_WORLDS and k not in RETIRED_WORLDS
+                and f"{price:g}" in w["rows"]["deferral"]]
+    out: dict = {"chosen_price": price, "chosen_threshold": threshold,
+                 "chosen_on": f"worlds {', '.join(map(str, DEVELOPMENT_WORLDS))}, validation facts",
                  "held_out_worlds": [w["world_seed"] for w in held_out]}
     if not held_out:
         return out
+    chosen = [w["rows"]["deferral"][f"{price:g}"][str(threshold)] for w in held_out]
     by_split = {}
     for split in ("all", "seen", "unseen"):
-        defer = [mean_test(w["rows"]["deferral"][str(threshold)]["test"], split) for w in held_out]
+        defer = [mean_test(row["test"], split) for row in chosen]
         mix = [mean_test(w["rows"][DEMO_ROW.name]["test"], split) for w in held_out]
-        same_gate = [mean_test(w["rows"][DEFER_ROW.name]["test"], split) for w in held_out]
+        same_gate = [mean_test(w["rows"][defer_row(price).name]["test"], split) for w in held_out]
         by_split[split] = {"deferral": statistics.fmean(defer), "every_token_mixture": statistics.fmean(mix),
                            "same_gate_every_token": statistics.fmean(same_gate)}
     out["held_out_accuracy"] = by_split
     out["defer_source_position_fraction"] = statistics.fmean(
-        d["source_position_fraction"] for w in held_out for d in w["rows"]["deferral"][str(threshold)]["decoding"])
+        d["source_position_fraction"] for row in chosen for d in row["decoding"])
+    out["defer_source_calls_per_answer"] = statistics.fmean(d["source_calls"] for row in chosen for d in row["decoding"])
     out["defer_accuracy_minus_mix"] = 100 * min(by_split[s]["deferral"] - by_split[s]["every_token_mixture"]
                                                 for s in ("seen", "unseen"))
     return out
@@ -188,28 +234,38 @@ def write_markdown(results: dict, path: Path) -> None:
     title = "the demo's world" if results.get("kind", "composition") == "composition" else "the fact world"
     lines = [f"# Deferral on {title} (development) and on held-out worlds", "",
              f"`{results['command']}`. Test accuracy, mean over seeds {results['seeds']} (spread: half the range). "
-             "η is chosen on the development world's validation facts only.", "",
-             "| world | row | test | seen | unseen | source ran at | source calls / answer | ms / answer (prefill + 32 tokens) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "λ (the price per source call the gate trained with) and η are chosen on the development worlds' "
+             "validation facts only; \"validation: source at\" is where the choice reads the cost. "
+             f"Development worlds: {', '.join(map(str, DEVELOPMENT_WORLDS))}; retired (held out for a first rule "
+             f"that chose on world 0 alone, then used to change it): {', '.join(map(str, RETIRED_WORLDS))}.", "",
+             "| world | row | test | seen | unseen | source ran at | source calls / answer | validation | "
+             "validation: source at | ms / answer (prefill + 32 tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for key, world in sorted(results["worlds"].items(), key=lambda kv: int(kv[0])):
-        label = f"{key} (development)" if int(key) == DEVELOPMENT_WORLD else key
+        label = (f"{key} (development)" if int(key) in DEVELOPMENT_WORLDS else
+                 f"{key} (retired: held out for the first rule)" if int(key) in RETIRED_WORLDS else key)
         rows = world["rows"]
         for name in [p.name for p in PARENTS]:
             t = rows[name]["test"]
-            lines.append(f"| {label} | {name} | {t['all']:.0%} | {t['seen']:.0%} | {t['unseen']:.0%} | | | "
+            lines.append(f"| {label} | {name} | {t['all']:.0%} | {t['seen']:.0%} | {t['unseen']:.0%} | | | | | "
                          f"{1000 * rows[name]['seconds_per_answer']:.0f} |")
-        for name in (DEMO_ROW.name, DEFER_ROW.name):
+        every_token = [DEMO_ROW.name] + [defer_row(float(price)).name for price in rows["deferral"]]
+        for name in every_token:
             lines.append(f"| {label} | {name} (every token) | {_spread(rows[name]['test'], 'all')} | "
                          f"{_spread(rows[name]['test'], 'seen')} | {_spread(rows[name]['test'], 'unseen')} | 100% | | "
+                         f"{statistics.fmean(rows[name]['validation']):.0%} | 100% | "
                          f"{1000 * statistics.fmean(rows[name]['seconds_per_answer']):.0f} |")
-        for threshold, row in rows["deferral"].items():
-            fraction = statistics.fmean(d["source_position_fraction"] for d in row["decoding"])
-            calls = statistics.fmean(d["source_calls"] for d in row["decoding"])
-            lines.append(f"| {label} | deferral η={threshold} | {_spread(row['test'], 'all')} | "
-                         f"{_spread(row['test'], 'seen')} | {_spread(row['test'], 'unseen')} | {fraction:.0%} | "
-                         f"{calls:.1f} | {1000 * statistics.fmean(row['seconds_per_answer']):.0f} |")
-    lines += ["", "Summary (held-out worlds, the chosen η):", "", "```json", json.dumps(results.get("summary", {}),
-                                                                                   indent=2), "```", ""]
+        for price, by_threshold in rows["deferral"].items():
+            for threshold, row in by_threshold.items():
+                fraction = statistics.fmean(d["source_position_fraction"] for d in row["decoding"])
+                calls = statistics.fmean(d["source_calls"] for d in row["decoding"])
+                on_validation = statistics.fmean(d["source_position_fraction"] for d in row["validation_decoding"])
+                lines.append(f"| {label} | deferral λ={price} η={threshold} | {_spread(row['test'], 'all')} | "
+                             f"{_spread(row['test'], 'seen')} | {_spread(row['test'], 'unseen')} | {fraction:.0%} | "
+                             f"{calls:.1f} | {statistics.fmean(row['validation']):.0%} | {on_validation:.0%} | "
+                             f"{1000 * statistics.fmean(row['seconds_per_answer']):.0f} |")
+    lines += ["", "Summary (held-out worlds, the chosen λ and η):", "", "```json",
+              json.dumps(results.get("summary", {}), indent=2), "```", ""]
     path.write_text("\n".join(lines))
 
 
@@ -220,7 +276,7 @@ def _spread(rows: list[dict], key: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--worlds", default="0,3,4,5", help="world seeds; 0 is the development world")
+    parser.add_argument("--worlds", default="0,1,2,6,7,8", help="world seeds; 0, 1 and 2 are the development worlds")
     parser.add_argument("--seeds", default="0,1", help="training seeds of each trained row")
     parser.add_argument("--kind", choices=tuple(OUTPUTS), default="composition",
                         help="the composition world (the demo's) or the fact world (examples/compare.yaml)")
@@ -238,7 +294,19 @@ def main(argv: list[str] | None = None) -> int:
         if str(world) in results["worlds"]:
             log(f"world {world}: already in {path}, skipped")
             continue
-        finished = run_world(world, seeds, not args.quiet, args.quick, args.kind)
+        if world in DEVELOPMENT_WORLDS:
+            prices = PRICES
+        else:  # a held-out world trains the price chosen on the development worlds, and the unpriced gate
+            if path.exists():
+                results["worlds"] = json.loads(path.read_text())["worlds"]
+            missing = [w for w in DEVELOPMENT_WORLDS if str(w) not in results["worlds"]]
+            if missing:
+                log(f"world {world}: the price is chosen on the development worlds first: run --worlds "
+                    f"{','.join(map(str, missing))} (results in {path})")
+                return 1
+            chosen, _ = choose_deferral([results["worlds"][str(w)] for w in DEVELOPMENT_WORLDS])
+            prices = tuple(sorted({0.0, chosen}))
+        finished = run_world(world, seeds, not args.quiet, args.quick, args.kind, prices)
         if path.exists():  # another process may have written other worlds meanwhile (one world per process is fine)
             results["worlds"] = json.loads(path.read_text())["worlds"]
         results["worlds"][str(world)] = finished

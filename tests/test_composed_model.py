@@ -165,7 +165,7 @@ def test_a_confidence_gate_defers_to_the_source_where_the_base_head_is_unsure():
     source[..., 7] = 10.0  # the source is sure of token 7 at both positions
     base = torch.zeros(1, 2, vocab)
     base[0, 1, 3] = 30.0  # the base head: flat at position 0, sure of token 3 at position 1
-    mixed = mixture(hidden, base, lambda states: source, torch.zeros(1, 2, 8)).exp()
+    mixed = mixture(hidden, base, lambda states: source, torch.zeros(1, 2, 8))[0].exp()
     assert mixed[0, 0].argmax() == 7 and mixed[0, 0, 7] > 0.9  # unsure base: the source's word
     assert mixed[0, 1].argmax() == 3 and mixed[0, 1, 3] > 0.9  # sure base: its own word
     features = confidence_features(torch.stack([base[0, 0], base[0, 1]]).log_softmax(-1))

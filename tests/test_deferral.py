@@ -135,25 +135,42 @@ def test_a_combination_that_cannot_defer_says_why(model_folder, tokenizer, optio
         compose(model_folder, tokenizer, **{"defer_threshold": 0.5, **options})
 
 
-def test_the_threshold_is_chosen_on_the_development_world_only():
-    """defer_worlds.choose_threshold reads the development world's validation facts; held-out worlds cannot move it."""
+def test_the_price_and_threshold_are_chosen_on_the_development_world_only():
+    """defer_worlds.choose_deferral reads the development worlds' validation facts: the fewest source calls among
+    the (λ, η) within SLACK of the every-token mixture's validation accuracy (mean over the development worlds);
+    held-out worlds cannot move it, and retired worlds do not count as held out."""
     import defer_worlds as bench
 
-    def world(seed, validation_by_eta, test_by_eta, mix=0.9):
-        rows = {bench.DEFER_ROW.name: {"validation": [mix, mix], "test": [{"all": mix, "seen": mix, "unseen": mix}] * 2},
-                bench.DEMO_ROW.name: {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]},
-                "deferral": {str(t): {"validation": [v], "test": [{"all": x, "seen": x, "unseen": x - 0.1}],
-                                      "decoding": [{"source_position_fraction": 1 - t, "source_calls": 3}]}
-                             for (t, v), x in zip(validation_by_eta.items(), test_by_eta.values())}}
+    def world(seed, by_price, mix=0.9):
+        """by_price: {λ: {η: (validation accuracy, validation source share, test accuracy)}}"""
+        rows = {bench.DEMO_ROW.name: {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]},
+                "deferral": {}}
+        for price, by_threshold in by_price.items():
+            rows[bench.defer_row(price).name] = {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]}
+            rows["deferral"][f"{price:g}"] = {
+                str(t): {"validation": [v], "validation_decoding": [{"source_position_fraction": share}],
+                         "test": [{"all": x, "seen": x, "unseen": x - 0.1}],
+                         "decoding": [{"source_position_fraction": share / 2, "source_calls": 3}]}
+                for t, (v, share, x) in by_threshold.items()}
         return {"world_seed": seed, "rows": rows}
 
-    development = world(0, {0.2: 0.9, 0.5: 0.89, 0.8: 0.5}, {0.2: 0.0, 0.5: 0.0, 0.8: 0.0})
-    assert bench.choose_threshold(development) == 0.5  # the largest η within SLACK of the mixture's validation
-    held_out = world(3, {0.2: 0.0, 0.5: 0.0, 0.8: 1.0}, {0.2: 0.9, 0.5: 0.85, 0.8: 1.0})
-    summary = bench.summary({"worlds": {"0": development, "3": held_out}})
-    assert summary["chosen_threshold"] == 0.5 and summary["held_out_worlds"] == [3]
-    assert summary["defer_source_position_fraction"] == pytest.approx(0.5)
+    development = world(0, {0.0: {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
+                            0.3: {0.2: (0.9, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
+    assert bench.choose_deferral([development]) == (0.3, 0.2)  # the fewest calls among those within SLACK
+    # another development world where λ = 0.3 at η = 0.2 falls 10 points short: the mean moves the choice
+    other = world(1, {0.0: {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
+                      0.3: {0.2: (0.8, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
+    assert bench.choose_deferral([development, other]) == (0.0, 0.5)
+    held_out = world(6, {0.0: {0.2: (0, 1, 0.1), 0.5: (0, 1, 0.1), 0.8: (0, 1, 1.0)},
+                         0.3: {0.2: (0, 0.4, 0.85), 0.5: (1, 0, 1.0), 0.8: (1, 0, 1.0)}})
+    retired = world(bench.RETIRED_WORLDS[0], {0.3: {0.2: (0, 0, 0.0)}})
+    worlds = {str(w): development for w in bench.DEVELOPMENT_WORLDS}
+    summary = bench.summary({"worlds": {**worlds, "6": held_out, str(bench.RETIRED_WORLDS[0]): retired}})
+    assert (summary["chosen_price"], summary["chosen_threshold"], summary["held_out_worlds"]) == (0.3, 0.2, [6])
+    assert summary["defer_source_position_fraction"] == pytest.approx(0.2)
     assert summary["defer_accuracy_minus_mix"] == pytest.approx(100 * (0.75 - 0.9))  # min over seen and unseen
+    nothing_within = world(0, {0.0: {0.2: (0.5, 0.5, 0), 0.5: (0.6, 0.3, 0)}})
+    assert bench.choose_deferral([nothing_within]) == (0.0, 0.5)  # then the most accurate
 
 
 def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tokenizer, tmp_path):
@@ -208,6 +225,48 @@ def test_a_price_per_source_call_keeps_the_gate_off_positions_where_the_source_g
     assert shares[0.5] == (1.0, 0.0)  # priced calls: only where it gains more than the price
     on_traces = bench.deferral_on_traces(model, cached, 0.5)
     assert on_traces["source_share"] == pytest.approx(0.5) and on_traces["token_accuracy"] == 1.0
+
+
+def test_the_call_price_adds_its_nats_times_the_source_weight_at_each_trained_position(model_folder, tokenizer):
+    """``source_call_price`` λ: the training loss is the unpriced one plus λ x the mean source weight over the trained
+    predictions (padding and the last position excluded); evaluation reports the mixture's loss alone."""
+    batch = inputs(tokenizer)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    losses = {}
+    for price in (0.0, 0.7):
+        model = compose(model_folder, tokenizer, mixture_gate="target_confidence", source_call_price=price).train()
+        output = model(**batch, labels=labels)
+        losses[price] = output.loss
+    weights = weights_seen(model.eval(), batch)  # the same seeded gate in both models
+    trained = labels[:, 1:] != -100
+    torch.testing.assert_close(losses[0.7] - losses[0.0], 0.7 * weights[:, :-1][trained].mean(), rtol=1e-4, atol=1e-5)
+    assert model(**batch, labels=labels).loss < losses[0.7]  # evaluation: no price, no base-head term
+
+
+def test_a_priced_gate_trained_through_the_model_stays_shut_where_the_source_gains_little(model_folder, tokenizer):
+    """The library path (forward(labels) in training mode, the loss Trainer and the fact-world harness use): a gate
+    trained with a price opens less often than the same gate trained free, from the same start."""
+    batch = inputs(tokenizer, ["The quick brown fox jumps over the lazy dog", "A small model reads a large one"])
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    opened = {}
+    for price in (0.0, 2.0):
+        model = compose(model_folder, tokenizer, mixture_gate="target_confidence", source_call_price=price).train()
+        optimizer = torch.optim.Adam(model.head.mixture.parameters(), lr=5e-2)
+        for _ in range(40):
+            optimizer.zero_grad()
+            model(**batch, labels=labels).loss.backward()
+            optimizer.step()
+        opened[price] = weights_seen(model.eval(), batch).mean().item()
+    assert opened[2.0] < 0.2 < opened[0.0] - 0.2, opened
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(source_call_price=-0.1), ">= 0"),
+    (dict(head="target", memory="prompt", source_call_price=0.5), "head='source_mix' or 'source_pointer'"),
+])
+def test_a_call_price_where_no_gate_calls_says_why(model_folder, tokenizer, options, message):
+    with pytest.raises(LLMModulesError, match=message):
+        compose(model_folder, tokenizer, **options)
 
 
 def test_the_source_head_gets_row_major_strides_and_the_same_values():

@@ -126,6 +126,26 @@ def test_the_demos_best_row_trains_on_trainer_with_its_mixture_gate_and_learning
     assert saved.config.mixture_gate == "confidence" and saved.config.fusion_layers == []
 
 
+def test_a_deferring_model_trains_with_its_call_price_and_defers_as_saved(config, model_folder, tmp_path):
+    """The deferral row of benchmarks/defer_worlds.py through ``llm-modules train``: a target-only gate trained with a
+    price per source call (the first step's loss is higher by price x the mean source weight, in (0.05, 0.95) x
+    price), and the saved model carries its price and η and defers in ``generate()`` with no extra argument."""
+    first = {}
+    for price in (0.0, 1.0):
+        run = config(topology="fusion", target=model_folder("llama", seed=1), memory="sequence", head="source_mix",
+                     mixture_gate="target_confidence", fusion_layers=[], lr_mixture=3e-2, max_steps=1,
+                     scheduler="constant", source_call_price=price, defer_threshold=0.5,
+                     output=str(tmp_path / f"price-{price:g}"))
+        result = train(run)
+        first[price] = losses(result)[1]
+    assert 0.05 < first[1.0] - first[0.0] < 0.95
+    saved = LLMModulesForCausalLM.from_pretrained(result.output)
+    assert (saved.config.source_call_price, saved.config.defer_threshold) == (1.0, 0.5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert saved.last_deferral is not None and saved.last_deferral.report()[0]["positions"] == 4
+
+
 def test_gradient_accumulation_matches_one_big_batch(config, tmp_path):
     big = train(config(output=str(tmp_path / "big"), batch_size=4, grad_accum=1, max_steps=2, attention_dropout=0.0))
     small = train(config(output=str(tmp_path / "small"), batch_size=2, grad_accum=2, max_steps=2, attention_dropout=0.0))
@@ -193,6 +213,11 @@ def test_trainer_loss_adds_a_mixture_heads_own_cross_entropy_and_weighs_every_to
     no_count = composed_lm_loss(logits, head_logits, labels)
     assert torch.equal(no_count, causal_lm_loss(logits, labels) + causal_lm_loss(head_logits, labels))
     assert next_token_mask(labels).sum() == count
+    # a price per source call: its cost at each trained prediction, over the same count (the last position and
+    # the ignored ones carry none)
+    cost = torch.rand(2, 6, generator=generator)
+    priced = token_mean_loss({"logits": logits, "source_call_cost": cost}, labels, num_items_in_batch=count)
+    torch.testing.assert_close(priced, plain + cost[:, :-1][labels[:, 1:] != -100].sum() / count)
 
 
 def test_one_padding_rule_pads_right_or_left():

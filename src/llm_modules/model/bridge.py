@@ -153,10 +153,10 @@ class BridgeTopology(Topology):
         run = bridge_forward(model, input_ids, attention_mask, position_ids, inputs.get("source_states"), cache,
                              use_cache, output_attentions)
         hidden = run.hidden[:, -logits_to_keep:] if logits_to_keep else run.hidden
-        logits, head_logits = model.head(HeadInputs(
+        head = model.head(HeadInputs(
             hidden.to(model.connector.pre_proj.weight.dtype), run.hidden, None, run.source_states, attention_mask,
             run.cache, model.source_logits))
-        return TopologyOutput(logits, head_logits, run.cache, run.attention_maps)
+        return TopologyOutput(head.logits, head.head_logits, run.cache, run.attention_maps, head.source_weight)
 
     def describe(self, config) -> str:
         return f"bridge; connector: {config.connector_layers} Enhanced Cross-Attention layers, {config.heads} heads,"

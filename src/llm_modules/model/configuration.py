@@ -65,6 +65,9 @@ class ComposeOptions:
     gate: Gate | None = None  # None: sigmoid for the bridge [paper], tanh at 0 for fusion
     head: Head | None = None  # None: new for the bridge [paper], target for fusion
     mixture_gate: MixtureGate = "state"  # a mixture head's gate reads the target's state, or also how sure each is
+    # a mixture head's training loss adds this many nats x the gate's source weight at each position: the price of a
+    # call to the source, so that a deferring model calls it only where it gains that much (model/loss.py)
+    source_call_price: float = 0.0
     heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
     adapter_dim: int = 256
     attention_dropout: float = 0.1
@@ -175,6 +178,16 @@ def check_can_defer(config) -> None:
                               "at every step, so deferral cannot skip it; use fusion_layers=[] (the mixture gate alone)")
 
 
+def check_call_price(config) -> None:
+    """``source_call_price`` prices a mixture gate's calls: >= 0, and only where there is such a gate."""
+    price = config.source_call_price or 0.0
+    if price < 0:
+        raise LLMModulesError(f"source_call_price must be >= 0 (nats per call to the source), got {price!r}")
+    if price and config.head not in ("source_mix", "source_pointer"):
+        raise LLMModulesError(f"source_call_price prices a mixture gate's calls to the source: it needs "
+                              f"head='source_mix' or 'source_pointer', not head={config.head!r}")
+
+
 class LLMModulesConfig(PreTrainedConfig):
     """Configuration of a source -> Enhanced Cross-Attention -> target composition.
 
@@ -211,6 +224,7 @@ class LLMModulesConfig(PreTrainedConfig):
     attention_dropout: float = 0.1
     head: str = "new"
     mixture_gate: str = "state"
+    source_call_price: float = 0.0
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
     memory: str = "prompt"
@@ -244,6 +258,7 @@ class LLMModulesConfig(PreTrainedConfig):
             raise LLMModulesError("a randomly initialised fusion target must train: use train_target='all' "
                                   "(or target_init='pretrained')")
         check_can_defer(self)
+        check_call_price(self)
         for name in ("connector_layers", "heads", "adapter_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "connector_layers" else 1):

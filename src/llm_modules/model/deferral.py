@@ -110,6 +110,5 @@ def deferred_forward(model, input_ids: torch.LongTensor, attention_mask: torch.T
     states = catch_up(model, state, attention_mask)  # [B, P, d_s]
     pointer_hidden = state.pending_hidden
     state.pending_ids = state.pending_hidden = None
-    mixed, _ = model.head(HeadInputs(hidden, pointer_hidden, base, states, attention_mask, cache, model.source_logits,
-                                     threshold))
-    return mixed
+    return model.head(HeadInputs(hidden, pointer_hidden, base, states, attention_mask, cache, model.source_logits,
+                                 threshold)).logits

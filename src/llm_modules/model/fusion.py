@@ -220,9 +220,9 @@ class FusionTopology(Topology):
         hidden = run.hidden
         if hidden is not None and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits, head_logits = model.head(HeadInputs(hidden, run.hidden, run.logits, run.source_states, attention_mask,
-                                                    run.cache, model.source_logits, threshold))
-        return TopologyOutput(logits, head_logits, run.cache)
+        head = model.head(HeadInputs(hidden, run.hidden, run.logits, run.source_states, attention_mask, run.cache,
+                                     model.source_logits, threshold))
+        return TopologyOutput(head.logits, head.head_logits, run.cache, source_weight=head.source_weight)
 
     def before_generate(self, model: nn.Module, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
         # without a cache each step recomputes the whole sequence: a fixed prompt memory must be given up front

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -155,8 +156,8 @@ class SourceMixture(nn.Module):
         source_logits: Callable[[torch.Tensor], torch.Tensor],
         here_states: torch.Tensor,
         pointer: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Mixed log-probabilities [B, t, V].
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixed log-probabilities [B, t, V] and the weight given to the source's paths [B, t].
 
         hidden [B, t, d_t]; base_logits [B, t, V]; source_logits: source states [.., d_s] -> fp32 logits [.., V];
         here_states [B, t, d_s] (the source at each position); pointer: (keys, states, valid) of all positions.
@@ -165,8 +166,10 @@ class SourceMixture(nn.Module):
         if self.pointer:
             paths.append(source_logits(self.point(hidden, *pointer)).log_softmax(-1))
         paths.append(base_logits.float().log_softmax(-1))
-        log_weights = torch.log(self.weights(hidden, paths))  # [B, t, paths]
-        return torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
+        weights = self.weights(hidden, paths)  # [B, t, paths]
+        log_weights = torch.log(weights)
+        mixed = torch.stack([log_weights[..., i, None] + path for i, path in enumerate(paths)]).logsumexp(0)
+        return mixed, 1.0 - weights[..., -1]
 
 
 # ------------------------------------------------------------------------------------------ output heads
@@ -191,10 +194,20 @@ class HeadInputs:
     defer_threshold: float | None = None  # η of deferral decoding (evaluation only; a mixture head reads it)
 
 
-class OutputHead(nn.Module):
-    """Turns ``HeadInputs`` into (logits [B, t, V], the base head's own logits or None). A head owns its weights."""
+class HeadOutput(NamedTuple):
+    """What an output head gives: logits [B, t, V] (mixed log-probabilities for a mixture head); a mixture head's base
+    head's own logits [B, t, V] (training adds their cross-entropy); and its gate's source weight [B, t] (training
+    prices it: ``source_call_price``)."""
 
-    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits: torch.Tensor
+    head_logits: torch.Tensor | None = None
+    source_weight: torch.Tensor | None = None
+
+
+class OutputHead(nn.Module):
+    """Turns ``HeadInputs`` into a ``HeadOutput``. A head owns its weights."""
+
+    def forward(self, inputs: HeadInputs) -> HeadOutput:
         raise NotImplementedError
 
     @property
@@ -223,8 +236,8 @@ class NewTokenHead(OutputHead):
         return logits.index_fill(-1, torch.arange(self.readable, logits.shape[-1], device=logits.device),
                                  torch.finfo(logits.dtype).min)
 
-    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
-        return self.logits(inputs.hidden), None
+    def forward(self, inputs: HeadInputs) -> HeadOutput:
+        return HeadOutput(self.logits(inputs.hidden))
 
     @property
     def output_embeddings(self) -> nn.Module:
@@ -238,22 +251,23 @@ class SourceProjectionHead(OutputHead):
         super().__init__()
         self.projection = nn.Linear(d_target, d_source, bias=False)
 
-    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
-        return inputs.source_logits(self.projection(inputs.hidden.to(self.projection.weight.dtype))), None
+    def forward(self, inputs: HeadInputs) -> HeadOutput:
+        return HeadOutput(inputs.source_logits(self.projection(inputs.hidden.to(self.projection.weight.dtype))))
 
 
 class TargetHead(OutputHead):
     """``target`` (fusion): the target's own head, as it is (its logits come from the target's forward)."""
 
-    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, None]:
-        return inputs.base_logits, None
+    def forward(self, inputs: HeadInputs) -> HeadOutput:
+        return HeadOutput(inputs.base_logits)
 
 
 class MixtureHead(OutputHead):
     """``source_mix`` / ``source_pointer``: the base head's distribution mixed with the source's (``SourceMixture``).
 
     The base is the new head (bridge) or the target's own head (fusion, ``base=None``). Returns the mixed
-    log-probabilities and the base head's logits (training adds their cross-entropy: ``loss.composed_lm_loss``)."""
+    log-probabilities, the base head's logits (training adds their cross-entropy: ``loss.composed_lm_loss``) and the
+    gate's source weight (training adds its price, ``source_call_price``)."""
 
     def __init__(self, base: NewTokenHead | None, d_target: int, d_source: int, pointer: bool, confidence: bool,
                  target_only: bool = False) -> None:
@@ -261,7 +275,7 @@ class MixtureHead(OutputHead):
         self.base = base
         self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence, target_only=target_only)
 
-    def forward(self, inputs: HeadInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: HeadInputs) -> HeadOutput:
         hidden = inputs.hidden
         base = (self.base.logits(hidden) if self.base is not None else inputs.base_logits).float()
         states = inputs.source_states
@@ -274,12 +288,12 @@ class MixtureHead(OutputHead):
             if inputs.cache is not None:
                 keys, all_states = inputs.cache.extend_pointer(keys, states)
             pointer = (keys, all_states, inputs.attention_mask)
-        mixed = self.mixture(hidden, base, inputs.source_logits, states[:, -hidden.shape[1]:], pointer)
+        mixed, source_weight = self.mixture(hidden, base, inputs.source_logits, states[:, -hidden.shape[1]:], pointer)
         if inputs.defer_threshold is not None:  # deferral (deferral.py): below η the target's own distribution
             base_log_probs = base.log_softmax(-1)
             calls = self.mixture.source_weight(hidden, base_log_probs) >= inputs.defer_threshold
             mixed = torch.where(calls[..., None], mixed, base_log_probs)
-        return mixed, base
+        return HeadOutput(mixed, base, source_weight)
 
     @property
     def output_embeddings(self) -> nn.Module | None:

@@ -32,14 +32,23 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 
 
 def composed_lm_loss(logits: torch.Tensor, head_logits: torch.Tensor | None, labels: torch.Tensor,
-                     num_items: torch.Tensor | int | None = None) -> torch.Tensor:
+                     num_items: torch.Tensor | int | None = None,
+                     call_cost: torch.Tensor | None = None) -> torch.Tensor:
     """The training loss of a composed model: the output's next-token loss, plus, for a mixture head
     (``source_mix``/``source_pointer``) in training, its base head's own loss, so that the base head learns every
-    token whatever the gate does (the gate alone cannot teach it the tokens it hands to the source).
+    token whatever the gate does (the gate alone cannot teach it the tokens it hands to the source), and the price
+    of its calls to the source at each trained prediction (``call_cost``: ``source_call_price`` nats times the
+    gate's source weight).
 
-    logits, head_logits [B, T, V] (head_logits None without a mixture head), labels [B, T]. ``num_items``: divide the
-    summed loss by this count (``Trainer``'s tokens per accumulated step); None: the mean over trained tokens. Each
-    term is divided on its own: without ``num_items`` each is then bit for bit ``causal_lm_loss``'s mean.
+    logits, head_logits [B, T, V] (head_logits None without a mixture head), labels [B, T], call_cost [B, T] or None
+    (no price). ``num_items``: divide the summed loss by this count (``Trainer``'s tokens per accumulated step);
+    None: the mean over trained tokens. Each term is divided on its own: without ``num_items`` each is then bit for
+    bit ``causal_lm_loss``'s mean.
+
+    Why a price: the mixture's cross-entropy alone opens the gate wherever the source gives the gold token even a
+    little more probability, so a deferring model would call the source at most positions; with a price the gate
+    opens where the source's gain is worth the price (Co-LLM's gate has no such term; it sets the call rate
+    with the decode-time threshold alone).
     """
     if num_items is None:
         count = next_token_mask(labels).sum().clamp(min=1)
@@ -48,4 +57,6 @@ def composed_lm_loss(logits: torch.Tensor, head_logits: torch.Tensor | None, lab
     loss = causal_lm_loss(logits, labels, "sum") / count
     if head_logits is not None:
         loss = loss + causal_lm_loss(head_logits, labels, "sum") / count
+    if call_cost is not None:
+        loss = loss + call_cost[:, :-1].float()[next_token_mask(labels)].sum() / count
     return loss

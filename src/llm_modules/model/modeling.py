@@ -46,6 +46,7 @@ class ComposedCausalLMOutput(CausalLMOutputWithPast):
     ``labels`` are given; in evaluation mode ``loss`` is the mixture's alone)."""
 
     head_logits: torch.FloatTensor | None = None
+    source_call_cost: torch.FloatTensor | None = None  # [B, T]: source_call_price x the gate's source weight (training)
 
 
 def _hidden_size(config: PreTrainedConfig) -> int:
@@ -277,11 +278,14 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
         out = self.topology.forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
                                     output_attentions, inputs)
         head_logits = out.head_logits if self.training else None  # evaluation reports the mixture's loss alone
-        loss = composed_lm_loss(out.logits, head_logits, labels) if labels is not None else None
+        price = float(self.config.source_call_price or 0.0)
+        call_cost = price * out.source_weight if self.training and price and out.source_weight is not None else None
+        loss = composed_lm_loss(out.logits, head_logits, labels, call_cost=call_cost) if labels is not None else None
         return ComposedCausalLMOutput(
             loss=loss,
             logits=out.logits,
             head_logits=head_logits,
+            source_call_cost=call_cost,
             cache=out.cache if use_cache else None,
             attentions=tuple(out.attentions) if output_attentions and out.attentions else None,
         )

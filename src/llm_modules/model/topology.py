@@ -27,12 +27,14 @@ if TYPE_CHECKING:
 @dataclass
 class TopologyOutput:
     """One forward's result: logits [B, t, V] (mixed log-probabilities for a mixture head), the base head's own
-    logits [B, t, V] (mixture heads) or None, the decoding cache, and the connector's attention maps (bridge)."""
+    logits [B, t, V] (mixture heads) or None, the decoding cache, the connector's attention maps (bridge), and a
+    mixture gate's source weight [B, t] (mixture heads; training prices it) or None."""
 
     logits: torch.Tensor
     head_logits: torch.Tensor | None
     cache: Any
     attentions: list[torch.Tensor] | None = None
+    source_weight: torch.Tensor | None = None
 
 
 @dataclass

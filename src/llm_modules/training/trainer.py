@@ -203,7 +203,8 @@ def token_mean_loss(outputs, labels: torch.Tensor, num_items_in_batch: torch.Ten
     (the Trainer's count over all micro-batches of one optimizer step) every token weighs the
     same whatever the accumulation; without it (evaluation) it is the plain mean.
     """
-    return composed_lm_loss(outputs["logits"], outputs.get("head_logits"), labels, num_items_in_batch)
+    return composed_lm_loss(outputs["logits"], outputs.get("head_logits"), labels, num_items_in_batch,
+                            outputs.get("source_call_cost"))
 
 
 class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):

@@ -116,6 +116,8 @@ def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str 
         name += "_no_blocks"
     if extra.get("mixture_gate", "state") != "state":
         name += f"_gate_{extra['mixture_gate']}"
+    if extra.get("source_call_price"):
+        name += f"_price_{extra['source_call_price']:g}"
     return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
 
 
@@ -382,7 +384,8 @@ def bridge_loss_fn(model: LLMModulesForCausalLM, bench: Workbench) -> Callable[[
         output = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
                        source_states=states, **extra)
         # a mixture head: its new head's own cross-entropy too (model/loss.py)
-        return composed_lm_loss(output.logits, output.head_logits, tensors["labels"])
+        return composed_lm_loss(output.logits, output.head_logits, tensors["labels"],
+                                call_cost=output.source_call_cost)
 
     return loss_fn
 

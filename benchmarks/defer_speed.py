@@ -1,6 +1,7 @@
 """End-to-end time per answer of every configuration the README names, at the paper's shapes (issue 25, item 3).
 
     python benchmarks/defer_speed.py                    # Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped target
+    python benchmarks/defer_speed.py --dtype bfloat16   # the dtype the library loads in on a CPU that computes it
     python benchmarks/defer_speed.py --shapes tiny      # a smoke run
 
 Time per answer = the prompt's prefill plus ``--new-tokens`` decoded greedily (no early stop), batch 1, median of
@@ -92,11 +93,11 @@ def held_out_fraction() -> float | None:
     return json.loads(path.read_text()).get("summary", {}).get("defer_source_position_fraction")
 
 
-def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int) -> dict:
+def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
-    source = random_causal_lm(source_config(shapes), torch.float32, "cpu")
+    source = random_causal_lm(source_config(shapes), dtype, "cpu")
     vocab = int(source.config.vocab_size)
-    target = random_causal_lm(target_config(shapes, vocab), torch.float32, "cpu", seed=1)
+    target = random_causal_lm(target_config(shapes, vocab), dtype, "cpu", seed=1)
     tokenizer = build_tokenizer()  # stands in for the one tokenizer: the inputs are ids
     common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", attention_dropout=0.0)
     prompt = torch.randint(1, min(vocab, 30000), (1, prompt_length))
@@ -145,7 +146,7 @@ def headline(rows: dict) -> dict:
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, float32)", "",
+    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')})", "",
              f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
              f"median of {result['repeats']}; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
              "`defer-worlds.md`).", "",
@@ -167,14 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="of both models (bfloat16: the library's choice on a CPU that computes it natively)")
     args = parser.parse_args(argv)
-    rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats)
-    result = {"shapes": args.shapes, "prompt": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats,
+    rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype))
+    result = {"shapes": args.shapes, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new_tokens,
+              "repeats": args.repeats,
               "threads": torch.get_num_threads(), "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     result["summary"] = headline(rows)
-    write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-float32.json", write_markdown)
+    write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}.json", write_markdown)
     return 0
 
 

@@ -324,6 +324,17 @@ def _spread(rows: list[dict], key: str) -> str:
     return f"{statistics.fmean(values):.0%} ± {(max(values) - min(values)) / 2:.0%}"
 
 
+def price_list(text: str) -> tuple[float, ...]:
+    """``--prices 0,0.3`` -> (0.0, 0.3); anything else is an argparse error naming what was expected."""
+    try:
+        prices = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prices (nats per source call, >= 0), got {text!r}")
+    if any(p < 0 for p in prices):
+        raise argparse.ArgumentTypeError(f"prices must be >= 0, got {text!r}")
+    return prices
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", default="0,1,2,6,7,8", help="world seeds; 0, 1 and 2 are the development worlds")
@@ -331,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=tuple(OUTPUTS), default="composition",
                         help="the composition world (the demo's) or the fact world (examples/compare.yaml)")
     parser.add_argument("--output", help="results file (default: benchmarks/results/defer-worlds[-facts].json)")
-    parser.add_argument("--prices", help="λ to train, comma-separated, instead of the rule's (e.g. 0,0.3 reproduces "
+    parser.add_argument("--prices", type=price_list, help="λ to train, comma-separated, instead of the rule's (e.g. 0,0.3 reproduces "
                         "the retired worlds' rows)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything (numbers meaningless)")
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"world {world}: already in {path}, skipped")
             continue
         if args.prices:
-            prices = tuple(float(x) for x in args.prices.split(","))
+            prices = args.prices
         elif world in DEVELOPMENT_WORLDS:
             prices = PRICES
         else:  # a held-out world trains the price chosen on the development worlds, and the unpriced gate

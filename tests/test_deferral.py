@@ -306,3 +306,13 @@ def test_the_speed_benchmarks_write_what_the_readme_reads(tmp_path, monkeypatch)
     assert speed["rows"]["source_alone"]["vs_source_alone"] == 1.0
     assert "defer_end_to_end_vs_source" in speed["summary"]
     assert (tmp_path / "defer-speed-tiny-cpu-float32.md").exists() and (tmp_path / "catch-up-cost-tiny.md").exists()
+
+
+def test_defer_worlds_refuses_a_bad_price_list_with_what_it_expected(capsys):
+    import defer_worlds as bench
+
+    assert bench.price_list("0,0.3") == (0.0, 0.3)
+    for bad, message in (("0,x", "comma-separated prices"), ("-1", ">= 0")):
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(["--worlds", "3", "--prices", bad, "--output", "/nonexistent/never-written.json"])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -5,13 +5,15 @@
     python benchmarks/defer_speed.py --shapes tiny      # a smoke run
 
 Time per answer = the prompt's prefill plus ``--new-tokens`` decoded greedily (no early stop), batch 1, median of
-``--repeats``; every configuration is measured in the same run, so the ratios hold on a noisy machine. The per-step
-column is secondary: (time per answer - time of the prefill and one token) / (new tokens - 1).
+``--repeats`` rounds; each round times every configuration once, and a ratio to the source alone is taken within a
+round (median over rounds ± half their range), so a slow spell of a shared machine falls on all of them alike. The
+per-step column is secondary: (time per answer - time of the prefill and one token) / (new tokens - 1).
 
 Configurations: the target alone, the source alone, fusion with prompt memory (blocks before every 4th target
 layer; the source reads the prompt once), the every-token mixture (fusion, no blocks, ``source_mix``: the source
 reads along at every token) and deferral at three η. Weights are random (N(0, 0.02)), so accuracy is not measured
-here, and a random gate's decisions mean nothing: each η is set to a quantile of the random gate's source weight so
+here, and a random gate's decisions mean nothing (deferral decides on a call gate beside the demo's mixture gate,
+``DEFERRING``): each η is set to a quantile of the random gate's source weight so
 that the source is called at about 10%, 30% and 60% of positions, and at the fraction the held-out worlds measured
 (``defer-worlds.json``, when it is there), and the fraction measured while decoding is reported beside its time. Accuracy beside speed, on trained models: ``benchmarks/defer_worlds.py``. The mixture
 needs one vocabulary, so the GPT-Neo-125M-shaped target here has the source's 151,936-row vocabulary (the paper's
@@ -26,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +42,9 @@ from llm_modules.tiny import build_tokenizer
 
 RESULTS = Path("benchmarks/results")
 CALL_FRACTIONS = (0.1, 0.3, 0.6)  # where the random gate's η puts the source's calls
+# the composition whose deferral is timed: the demo's every-token mixture (a gate that reads both models'
+# confidence) with a call gate beside it (benchmarks/defer_worlds.py, the held-out rows)
+DEFERRING = dict(mixture_gate="confidence", call_gate=True)
 
 
 def log(message: str) -> None:
@@ -58,20 +64,41 @@ def target_config(shapes: str, vocab_size: int):
 
 
 @torch.no_grad()
-def time_answer(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median seconds per answer (prefill + new_tokens) and the derived per-step median."""
+def seconds(model, prompt: torch.Tensor, tokens: int) -> float:
+    """One answer end to end: the prompt's prefill plus ``tokens`` decoded greedily (no early stop)."""
+    start = time.perf_counter()
+    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - start
 
-    def once(tokens: int) -> float:
-        start = time.perf_counter()
-        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
 
-    once(2)  # warm-up
-    whole = statistics.median(once(new_tokens) for _ in range(repeats))
-    first = statistics.median(once(1) for _ in range(repeats))
-    return {"seconds_per_answer": whole, "prefill_and_first_token": first,
-            "seconds_per_step": (whole - first) / max(new_tokens - 1, 1)}
+def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[], None]]], prompt: torch.Tensor,
+                     new_tokens: int, repeats: int) -> dict[str, dict]:
+    """Every configuration once per round, ``repeats`` rounds, so that a slow spell of a shared machine falls on all
+    of them alike; each answer's ratio to the source alone's is taken within its round. configurations: name ->
+    (model, set-up called before each timing). Returns per name: the median seconds per answer, the median of
+    prefill + one token, the per-step median derived from them, and the ratio to the source alone (median and half
+    the range over rounds)."""
+    for model, set_up in configurations.values():  # warm-up
+        set_up()
+        seconds(model, prompt, 2)
+    whole: dict[str, list[float]] = {name: [] for name in configurations}
+    first: dict[str, list[float]] = {name: [] for name in configurations}
+    for round_ in range(repeats):
+        for name, (model, set_up) in configurations.items():
+            set_up()
+            whole[name].append(seconds(model, prompt, new_tokens))
+            first[name].append(seconds(model, prompt, 1))
+        log(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in whole.items()))
+    rows = {}
+    for name in configurations:
+        ratios = [w / s for w, s in zip(whole[name], whole["source_alone"])]
+        median_whole, median_first = statistics.median(whole[name]), statistics.median(first[name])
+        rows[name] = {"seconds_per_answer": median_whole, "prefill_and_first_token": median_first,
+                      "seconds_per_step": (median_whole - median_first) / max(new_tokens - 1, 1),
+                      "seconds_each_round": whole[name], "vs_source_alone": statistics.median(ratios),
+                      "vs_source_alone_spread": (max(ratios) - min(ratios)) / 2}
+    return rows
 
 
 @torch.no_grad()
@@ -81,7 +108,7 @@ def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fraction
     sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0)
     output = model.target(input_ids=sequence, output_hidden_states=True)
-    weights = model.head.mixture.source_weight(output.hidden_states[-1], output.logits.float().log_softmax(-1))
+    weights = model.head.mixture.call_score(output.hidden_states[-1], output.logits.float().log_softmax(-1))
     decoded = weights[0, prompt.shape[1] - 1:].float()
     return [float(torch.quantile(decoded, 1 - f)) for f in fractions]
 
@@ -101,35 +128,36 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
     tokenizer = build_tokenizer()  # stands in for the one tokenizer: the inputs are ids
     common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", attention_dropout=0.0)
     prompt = torch.randint(1, min(vocab, 30000), (1, prompt_length))
-    rows: dict[str, dict] = {}
     log(f"{shapes} shapes: source {sum(p.numel() for p in source.parameters()) / 1e6:.0f}M, target "
         f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters; prompt {prompt_length}, "
-        f"{new_tokens} new tokens, {repeats} repeats")
-    rows["target_alone"] = time_answer(target, prompt, new_tokens, repeats)
-    rows["source_alone"] = time_answer(source, prompt, new_tokens, repeats)
+        f"{new_tokens} new tokens, {repeats} rounds")
     torch.manual_seed(1)
     fusion = LLMModulesForCausalLM.compose(source, target, memory="prompt", **common).eval()
-    rows["fusion_prompt_memory"] = time_answer(fusion, prompt, new_tokens, repeats)
-    del fusion
     torch.manual_seed(1)
     mixture = LLMModulesForCausalLM.compose(source, target, memory="sequence", head="source_mix", fusion_layers=[],
-                                            mixture_gate="target_confidence", **common).eval()
-    rows["every_token_mixture"] = time_answer(mixture, prompt, new_tokens, repeats)
+                                            **DEFERRING, **common).eval()
+    with torch.no_grad():  # a random call gate that varies with the state, so that η can split the positions
+        mixture.head.mixture.call_gate.weight.normal_(0, 1 / mixture.target.config.hidden_size ** 0.5)
+
+    def at(threshold: float | None) -> Callable[[], None]:
+        return lambda: setattr(mixture.config, "defer_threshold", threshold)
+
+    nothing = lambda: None  # noqa: E731
+    configurations = {"target_alone": (target, nothing), "source_alone": (source, nothing),
+                      "fusion_prompt_memory": (fusion, nothing), "every_token_mixture": (mixture, at(None))}
     measured = held_out_fraction()
     fractions = sorted({*CALL_FRACTIONS, *([round(measured, 3)] if measured is not None else [])})
     for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompt, new_tokens, fractions)):
+        configurations[f"deferral_eta_{threshold:.3f}"] = (mixture, at(threshold))
+    rows = time_interleaved(configurations, prompt, new_tokens, repeats)
+    for fraction, name in zip(fractions, [n for n in configurations if n.startswith("deferral")]):
+        threshold = float(name.removeprefix("deferral_eta_"))
         mixture.config.defer_threshold = threshold
-        row = time_answer(mixture, prompt, new_tokens, repeats)
-        with torch.no_grad():  # the fraction of one whole answer (the timing's last call decoded one token)
-            mixture.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        seconds(mixture, prompt, new_tokens)  # the share of one whole answer
         (report,) = mixture.last_deferral.report()
-        row.update(defer_threshold=threshold, aimed_fraction=fraction,
-                   source_position_fraction=report["source_position_fraction"], source_calls=report["source_calls"])
-        rows[f"deferral_eta_{threshold:.3f}"] = row
-    source_time = rows["source_alone"]["seconds_per_answer"]
-    for row in rows.values():
-        row["vs_source_alone"] = row["seconds_per_answer"] / source_time
+        rows[name].update(defer_threshold=threshold, aimed_fraction=fraction,
+                          source_position_fraction=report["source_position_fraction"],
+                          source_calls=report["source_calls"])
     return rows
 
 
@@ -139,7 +167,8 @@ def headline(rows: dict) -> dict:
     reference = held_out_fraction()
     aim = reference if reference is not None else CALL_FRACTIONS[1]
     name = min(deferral, key=lambda k: abs(deferral[k]["source_position_fraction"] - aim))
-    return {"defer_end_to_end_vs_source": deferral[name]["vs_source_alone"], "at": name,
+    return {"defer_end_to_end_vs_source": deferral[name]["vs_source_alone"],
+            "spread": deferral[name]["vs_source_alone_spread"], "at": name,
             "its_source_position_fraction": deferral[name]["source_position_fraction"],
             "held_out_source_position_fraction": reference,
             "note": "random weights: the time of a configuration at this fraction of source calls, not its accuracy"}
@@ -148,15 +177,17 @@ def headline(rows: dict) -> dict:
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')})", "",
              f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
-             f"median of {result['repeats']}; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
+             f"median of {result['repeats']} interleaved rounds; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
              "`defer-worlds.md`).", "",
-             "| configuration | s / answer (end to end) | × source alone | source ran at | source calls | s / step (secondary) |",
+             "| configuration | s / answer (end to end) | × source alone (± half range over rounds) | source ran at | "
+             "source calls | s / step (secondary) |",
              "|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
         fraction = row.get("source_position_fraction")
         ran = "100%" if name in ("source_alone", "every_token_mixture") else (
             f"{fraction:.0%}" if fraction is not None else ("prompt only" if "prompt" in name else "never"))
-        lines.append(f"| {name} | {row['seconds_per_answer']:.2f} | {row['vs_source_alone']:.2f} | {ran} | "
+        lines.append(f"| {name} | {row['seconds_per_answer']:.2f} | {row['vs_source_alone']:.2f} ± "
+                     f"{row.get('vs_source_alone_spread', 0):.2f} | {ran} | "
                      f"{row.get('source_calls', '')} | {row['seconds_per_step']:.3f} |")
     lines += ["", "```json", json.dumps(result["summary"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
@@ -167,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", choices=("paper", "tiny"), default="paper")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each times every configuration once")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="of both models (bfloat16: the library's choice on a CPU that computes it natively)")
     args = parser.parse_args(argv)

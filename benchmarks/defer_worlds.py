@@ -13,12 +13,15 @@ once per seed; a deferral row is then scored at every η of the grid (the thresh
 Co-LLM), on validation facts and on test facts, and its answers are decoded again with ``generate()`` (cached
 deferral decoding) to count where the source ran, on validation facts and on test facts.
 
-λ and η are chosen on the development worlds' validation facts only (``choose_deferral``): among the (λ, η) whose
-validation accuracy, mean over worlds and seeds, is within ``SLACK`` of the every-token mixture's (the demo's row),
-the one that calls the source at the fewest validation positions. A development world trains every λ of
-``PRICES``; a held-out world trains the chosen λ (and λ = 0, the unpriced gate, and the λ of the budget rule: the most
-accurate (λ, η) that calls the source at ≤ ``BUDGET`` of validation positions), reports every η, and its headline is
-the chosen (λ, η). ``RETIRED_WORLDS`` says why worlds 3-5 are not held out any more. Results go to ``benchmarks/results/defer-worlds.json`` (``defer-worlds-facts.json`` for the
+λ and η are chosen on the development worlds' validation facts only (``choose_deferral``): among the (variant, η)
+whose validation accuracy, mean over worlds and seeds, is within ``SLACK`` of the every-token mixture's (the demo's
+row), the one that calls the source at the fewest validation positions. A variant is a price λ of ``PRICES`` for the
+target-only gate, or a call gate beside the demo's own mixture gate (``CALL_GATE``: deferral decides on it, the
+mixture reads both models where the source ran). A development world trains every variant; a held-out world trains
+the chosen one (and λ = 0, the unpriced gate, and the budget rule's: the most accurate (variant, η) that calls the
+source at ≤ ``BUDGET`` of validation positions), reports every η, and its headline is the chosen (variant, η).
+``RETIRED_WORLDS`` says why worlds 3-5 are not held out any more, ``HELD_OUT_AGAIN`` where the call gate's headline
+is read. Results go to ``benchmarks/results/defer-worlds.json`` (``defer-worlds-facts.json`` for the
 fact world; world by world, so a killed run resumes) and the same ``.md``.
 """
 
@@ -47,7 +50,7 @@ DEVELOPMENT_WORLDS = (0, 1, 2)
 # Held out for the first rule, which chose λ and η on world 0's 19 validation facts alone: it chose λ = 0.3, which
 # lost 16 points against the every-token mixture on worlds 3 and 4 (on world 0's validation facts it had beaten
 # it). That changed the rule (three development worlds), so these worlds no longer count as held out; they stay in
-# the table, labelled (``--worlds 3,4 --prices 0,0.3`` recomputes their rows; world 5 was stopped).
+# the table, labelled (``--worlds 3,4 --variants 0,0.3`` recomputes their rows; world 5 was stopped).
 RETIRED_WORLDS = (3, 4, 5)
 THRESHOLDS = (0.2, 0.35, 0.5, 0.65, 0.8)
 # λ, nats per source call. At a position where the source is sure of the gold token (p_s ~ 0.9) and the target is not
@@ -64,10 +67,36 @@ DECODED_ANSWERS = 60  # test answers decoded to count where the source ran (all 
 DEMO_ROW = method_from_mapping(DEMO_METHODS[-1])
 
 
+# A call gate beside the demo's mixture gate (model/heads.py, ``call_gate``): deferral decides on it, and where the
+# source ran the mixture reads both models' confidence, as the demo's row does. Added after the target-only gate's
+# held-out rows (worlds 6-8) lost 2.1 points, all of them its own (it equalled its every-token self): it is chosen
+# on the development worlds by the same rule, and its headline is read on worlds never used before (HELD_OUT_AGAIN).
+CALL_GATE = "call_gate"
+CALL_GATE_THRESHOLDS = (0.05, 0.1, 0.2, 0.35, 0.5)  # its score is a probability that the token changes: lower η
+HELD_OUT_AGAIN = (9, 10, 11)
+
+
 def defer_row(price: float):
     """The deferral row trained with a price λ per source call (λ = 0: the unpriced gate, the row's old name)."""
     return fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="target_confidence",
                        **({"source_call_price": price} if price else {}))
+
+
+def variant_spec(variant: str):
+    """A deferral variant's trained row: a price λ (\"0\", \"0.3\", ...) of the target-only gate, or the call gate."""
+    if variant == CALL_GATE:
+        return fusion_spec(memory="sequence", head="source_mix", fusion_layers=[], mixture_gate="confidence",
+                           call_gate=True)
+    return defer_row(float(variant))
+
+
+def variant_thresholds(variant: str) -> tuple[float, ...]:
+    return CALL_GATE_THRESHOLDS if variant == CALL_GATE else THRESHOLDS
+
+
+def variant_key(text: str) -> str:
+    """\"call_gate\" or a price written as the results key it has (\"0.30\" -> \"0.3\")."""
+    return text if text == CALL_GATE else f"{float(text):g}"
 
 PARENTS = [method_from_mapping("target_alone"), method_from_mapping("source_alone")]
 
@@ -126,7 +155,12 @@ def world_config(kind: str) -> CompareConfig:
 
 
 def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = False,
-              kind: str = "composition", prices: tuple[float, ...] = PRICES) -> dict:
+              kind: str = "composition", variants: tuple[str, ...] = tuple(f"{p:g}" for p in PRICES),
+              existing: dict | None = None) -> dict:
+    """A world's rows: the parents, the demo's row and each deferral variant (trained once per seed, then scored at
+    every η). ``existing``: the world's earlier result, extended with the variants it lacks (its parents and demo's
+    row kept; the world and its parents are rebuilt from their seeds, and the rebuild's pretraining steps are kept
+    beside the first's)."""
     config = world_config(kind)
     config = replace(config, world=replace(config.world, seed=world_seed), workers=1)
     if quick:  # a smoke run of the code path (numbers meaningless): a few steps of everything
@@ -136,29 +170,38 @@ def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = F
     with one_thread():
         bench, pretraining = build_bench(config, progress)
         validation = bench.world.validation[: config.budget.validation_facts]
-        result: dict = {"world_seed": world_seed, "kind": kind, "seeds": seeds, "n_test": len(bench.world.test),
-                        "n_validation": len(validation), "prices": list(prices), "rows": {}}
+        if existing is not None:
+            result = existing
+            result.setdefault("rebuilt_pretraining", []).append(
+                {k: {"steps": v["steps"], "seconds": v["seconds"]} for k, v in pretraining.items()})
+        else:
+            result = {"world_seed": world_seed, "kind": kind, "seeds": seeds, "n_test": len(bench.world.test),
+                      "n_validation": len(validation), "rows": {}}
+            timed = bench.world.test[:TIMED_ANSWERS]
+            for spec, model in zip(PARENTS, (bench.target, bench.source)):
+                result["rows"][spec.name] = {
+                    "test": accuracies(run_method(spec, bench, config.budget, 0, progress).scores),
+                    "seconds_per_answer": seconds_per_answer(model, bench, timed)}
+            demo = result["rows"][DEMO_ROW.name] = {"test": [], "validation": []}
+            for seed in seeds:
+                run = run_method(DEMO_ROW, bench, config.budget, seed, progress)
+                demo["test"].append(accuracies(run.scores))
+                demo["validation"].append(run.validation_accuracy)
+                demo.setdefault("seconds_per_answer", []).append(seconds_per_answer(run.model.eval(), bench, timed))
+            result["pretraining"] = {k: {"steps": v["steps"], "seconds": v["seconds"]} for k, v in pretraining.items()}
         timed = bench.world.test[:TIMED_ANSWERS]
-        for spec, model in zip(PARENTS, (bench.target, bench.source)):
-            result["rows"][spec.name] = {"test": accuracies(run_method(spec, bench, config.budget, 0, progress).scores),
-                                         "seconds_per_answer": seconds_per_answer(model, bench, timed)}
-        demo = result["rows"][DEMO_ROW.name] = {"test": [], "validation": []}
-        deferred = result["rows"]["deferral"] = {}
+        deferred = result["rows"].setdefault("deferral", {})
         for seed in seeds:
-            run = run_method(DEMO_ROW, bench, config.budget, seed, progress)
-            demo["test"].append(accuracies(run.scores))
-            demo["validation"].append(run.validation_accuracy)
-            demo.setdefault("seconds_per_answer", []).append(seconds_per_answer(run.model.eval(), bench, timed))
-            for price in prices:
-                spec = defer_row(price)
-                every = result["rows"].setdefault(spec.name, {"price": price, "test": [], "validation": []})
+            for variant in variants:
+                spec = variant_spec(variant)
+                every = result["rows"].setdefault(spec.name, {"variant": variant, "test": [], "validation": []})
                 run = run_method(spec, bench, config.budget, seed, progress)
                 every["test"].append(accuracies(run.scores))
                 every["validation"].append(run.validation_accuracy)
                 model = run.model.eval()
                 every.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
-                by_threshold = deferred.setdefault(f"{price:g}", {})
-                for threshold in THRESHOLDS:
+                by_threshold = deferred.setdefault(variant, {})
+                for threshold in variant_thresholds(variant):
                     model.config.defer_threshold = threshold
                     row = by_threshold.setdefault(str(threshold), {"test": [], "validation": [], "decoding": [],
                                                                    "validation_decoding": []})
@@ -168,68 +211,75 @@ def run_world(world_seed: int, seeds: list[int], progress: bool, quick: bool = F
                                                         probe_leak=False)))
                     row["decoding"].append(where_the_source_ran(model, bench, bench.world.test[:DECODED_ANSWERS]))
                     row.setdefault("seconds_per_answer", []).append(seconds_per_answer(model, bench, timed))
-                    log(f"world {world_seed} seed {seed} λ={price:g} η={threshold}: validation "
+                    log(f"world {world_seed} seed {seed} {variant} η={threshold}: validation "
                         f"{row['validation'][-1]:.0%} (source at {row['validation_decoding'][-1]['source_position_fraction']:.0%}), "
                         f"test {row['test'][-1]['all']:.0%}, source ran at "
                         f"{row['decoding'][-1]['source_position_fraction']:.0%}")
                 model.config.defer_threshold = None
-    result["pretraining"] = {k: {"steps": v["steps"], "seconds": v["seconds"]} for k, v in pretraining.items()}
-    result["seconds"] = time.perf_counter() - start
+    result["variants"] = sorted(deferred, key=lambda v: (v == CALL_GATE, v if v == CALL_GATE else float(v)))
+    result["seconds"] = result.get("seconds", 0.0) + time.perf_counter() - start
     return result
 
 
-def candidates(development: list[dict]) -> list[tuple[float, float, float, float]]:
-    """Every (validation accuracy, validation source share, λ, η) of the development worlds (means over worlds and
-    seeds)."""
+def candidates(development: list[dict]) -> list[tuple[float, float, str, float]]:
+    """Every (validation accuracy, validation source share, variant, η) that all development worlds have (means over
+    worlds and seeds). A variant is a price λ of the target-only gate (\"0\", \"0.3\", ...) or the call gate."""
     out = []
-    for price, by_threshold in development[0]["rows"]["deferral"].items():
+    for variant, by_threshold in development[0]["rows"]["deferral"].items():
+        if any(variant not in w["rows"]["deferral"] for w in development):
+            continue
         for threshold in by_threshold:
-            rows = [w["rows"]["deferral"][price][threshold] for w in development]
+            rows = [w["rows"]["deferral"][variant][threshold] for w in development]
             accuracy = statistics.fmean(statistics.fmean(row["validation"]) for row in rows)
             calls = statistics.fmean(statistics.fmean(d["source_position_fraction"] for d in row["validation_decoding"])
                                      for row in rows)
-            out.append((accuracy, calls, float(price), float(threshold)))
+            out.append((accuracy, calls, variant, float(threshold)))
     return out
 
 
-def choose_deferral(development: list[dict]) -> tuple[float, float]:
-    """The headline's (λ, η), on the development worlds' validation facts: among those whose validation accuracy (mean
-    over worlds and seeds) is within SLACK of the every-token mixture's (the demo's row), the fewest validation
+def _order(variant: str) -> float:
+    """Ties go to the smaller price, then the call gate."""
+    return float("inf") if variant == CALL_GATE else float(variant)
+
+
+def choose_deferral(development: list[dict]) -> tuple[str, float]:
+    """The headline's (variant, η), on the development worlds' validation facts: among those whose validation accuracy
+    (mean over worlds and seeds) is within SLACK of the every-token mixture's (the demo's row), the fewest validation
     positions where the source ran (then the higher accuracy, then the smaller price); if none is within SLACK, the
     most accurate."""
     reference = statistics.fmean(statistics.fmean(w["rows"][DEMO_ROW.name]["validation"]) for w in development)
     found = candidates(development)
     within = [c for c in found if c[0] >= reference - SLACK]
     if within:
-        _, _, price, threshold = min(within, key=lambda c: (c[1], -c[0], c[2]))
+        _, _, variant, threshold = min(within, key=lambda c: (c[1], -c[0], _order(c[2])))
     else:
-        _, _, price, threshold = max(found, key=lambda c: (c[0], -c[1]))
-    return price, threshold
+        _, _, variant, threshold = max(found, key=lambda c: (c[0], -c[1]))
+    return variant, threshold
 
 
-def choose_within_budget(development: list[dict]) -> tuple[float, float] | None:
-    """The other side of the trade, reported beside the headline: the most accurate (λ, η) whose validation source
-    share is at most BUDGET (then the fewer calls), on the same validation facts; None if none is."""
+def choose_within_budget(development: list[dict]) -> tuple[str, float] | None:
+    """The other side of the trade, reported beside the headline: the most accurate (variant, η) whose validation
+    source share is at most BUDGET (then the fewer calls), on the same validation facts; None if none is."""
     within = [c for c in candidates(development) if c[1] <= BUDGET]
     if not within:
         return None
-    _, _, price, threshold = max(within, key=lambda c: (c[0], -c[1]))
-    return price, threshold
+    _, _, variant, threshold = max(within, key=lambda c: (c[0], -c[1]))
+    return variant, threshold
 
 
 def mean_test(rows: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
-def held_out_report(held_out: list[dict], price: float, threshold: float) -> dict:
-    """Deferral at (λ, η) against the every-token mixture on the held-out worlds: accuracy (each world's mean over
-    seeds, then the mean over worlds), where the source ran, and the larger loss of seen and unseen answers."""
-    chosen = [w["rows"]["deferral"][f"{price:g}"][str(threshold)] for w in held_out]
+def held_out_report(held_out: list[dict], variant: str, threshold: float) -> dict:
+    """Deferral at (variant, η) against the every-token mixture on the held-out worlds: accuracy (each world's mean
+    over seeds, then the mean over worlds), where the source ran, and the larger loss of seen and unseen answers."""
+    chosen = [w["rows"]["deferral"][variant][str(threshold)] for w in held_out]
     by_split = {}
     for split in ("all", "seen", "unseen"):
         defer = [mean_test(row["test"], split) for row in chosen]
         mix = [mean_test(w["rows"][DEMO_ROW.name]["test"], split) for w in held_out]
-        same_gate = [mean_test(w["rows"][defer_row(price).name]["test"], split) for w in held_out]
+        same_gate = [mean_test(w["rows"][variant_spec(variant).name]["test"], split) for w in held_out]
         by_split[split] = {"deferral": statistics.fmean(defer), "every_token_mixture": statistics.fmean(mix),
                            "same_gate_every_token": statistics.fmean(same_gate)}
     return {"held_out_accuracy": by_split,
@@ -240,35 +290,53 @@ def held_out_report(held_out: list[dict], price: float, threshold: float) -> dic
                                                   for s in ("seen", "unseen"))}
 
 
-def prices_to_train(development: list[dict]) -> tuple[float, ...]:
-    """What a held-out world trains: the unpriced gate, the headline's λ and the budget rule's λ."""
-    chosen = {0.0, choose_deferral(development)[0]}
+def variants_to_train(development: list[dict]) -> tuple[str, ...]:
+    """What a held-out world trains: the unpriced target-only gate, the headline's variant and the budget rule's."""
+    chosen = {"0", choose_deferral(development)[0]}
     budget = choose_within_budget(development)
     if budget is not None:
         chosen.add(budget[0])
-    return tuple(sorted(chosen))
+    return tuple(sorted(chosen, key=lambda v: (v == CALL_GATE, _order(v))))
 
 
 def summary(results: dict) -> dict:
-    """The keys the issue asks for, on the held-out worlds at the (λ, η) chosen on the development worlds (and the
-    budget rule's choice beside them, under ``within_budget``)."""
+    """The keys the issue asks for, on the held-out worlds at the (variant, η) chosen on the development worlds (and
+    the budget rule's choice beside them, under ``within_budget``). Held out: every world neither development nor
+    retired that has the chosen variant; the call gate's are ``HELD_OUT_AGAIN`` (worlds 6-8 had been read before it
+    was built; their call-gate rows are reported under ``on_worlds_read_before``)."""
     worlds = {int(k): v for k, v in results["worlds"].items()}
     if any(w not in worlds for w in DEVELOPMENT_WORLDS):
         return {}
     development = [worlds[w] for w in DEVELOPMENT_WORLDS]
-    price, threshold = choose_deferral(development)
-    held_out = [w for k, w in sorted(worlds.items()) if k not in DEVELOPMENT_WORLDS and k not in RETIRED_WORLDS
-                and f"{price:g}" in w["rows"]["deferral"]]
-    out: dict = {"chosen_price": price, "chosen_threshold": threshold,
+    variant, threshold = choose_deferral(development)
+
+    def held_out_for(chosen: str, read_before: bool = False) -> list[dict]:
+        out = []
+        for k, w in sorted(worlds.items()):
+            if k in DEVELOPMENT_WORLDS or k in RETIRED_WORLDS or chosen not in w["rows"]["deferral"]:
+                continue
+            if chosen == CALL_GATE and (k in HELD_OUT_AGAIN) == read_before:
+                continue
+            out.append(w)
+        return out
+
+    held_out = held_out_for(variant)
+    out: dict = {"chosen_variant": variant, "chosen_threshold": threshold,
                  "chosen_on": f"worlds {', '.join(map(str, DEVELOPMENT_WORLDS))}, validation facts",
                  "held_out_worlds": [w["world_seed"] for w in held_out]}
     if held_out:
-        out.update(held_out_report(held_out, price, threshold))
+        out.update(held_out_report(held_out, variant, threshold))
+    if variant == CALL_GATE and held_out_for(variant, read_before=True):
+        before = held_out_for(variant, read_before=True)
+        out["on_worlds_read_before"] = {"worlds": [w["world_seed"] for w in before],
+                                        **held_out_report(before, variant, threshold)}
     budget = choose_within_budget(development)
     if budget is not None:
-        out["within_budget"] = {"budget": BUDGET, "price": budget[0], "threshold": budget[1]}
-        if held_out and all(f"{budget[0]:g}" in w["rows"]["deferral"] for w in held_out):
-            out["within_budget"].update(held_out_report(held_out, *budget))
+        out["within_budget"] = {"budget": BUDGET, "variant": budget[0], "threshold": budget[1]}
+        budget_worlds = held_out_for(budget[0])
+        if budget_worlds:
+            out["within_budget"].update(worlds=[w["world_seed"] for w in budget_worlds],
+                                        **held_out_report(budget_worlds, *budget))
     return out
 
 
@@ -299,18 +367,19 @@ def write_markdown(results: dict, path: Path) -> None:
             t = rows[name]["test"]
             lines.append(f"| {label} | {name} | {t['all']:.0%} | {t['seen']:.0%} | {t['unseen']:.0%} | | | | | "
                          f"{1000 * rows[name]['seconds_per_answer']:.0f} |")
-        every_token = [DEMO_ROW.name] + [defer_row(float(price)).name for price in rows["deferral"]]
+        every_token = [DEMO_ROW.name] + [variant_spec(variant).name for variant in rows["deferral"]]
         for name in every_token:
             lines.append(f"| {label} | {name} (every token) | {_spread(rows[name]['test'], 'all')} | "
                          f"{_spread(rows[name]['test'], 'seen')} | {_spread(rows[name]['test'], 'unseen')} | 100% | | "
                          f"{statistics.fmean(rows[name]['validation']):.0%} | 100% | "
                          f"{1000 * statistics.fmean(rows[name]['seconds_per_answer']):.0f} |")
-        for price, by_threshold in rows["deferral"].items():
+        for variant, by_threshold in rows["deferral"].items():
+            name = "call gate" if variant == CALL_GATE else f"λ={variant}"
             for threshold, row in by_threshold.items():
                 fraction = statistics.fmean(d["source_position_fraction"] for d in row["decoding"])
                 calls = statistics.fmean(d["source_calls"] for d in row["decoding"])
                 on_validation = statistics.fmean(d["source_position_fraction"] for d in row["validation_decoding"])
-                lines.append(f"| {label} | deferral λ={price} η={threshold} | {_spread(row['test'], 'all')} | "
+                lines.append(f"| {label} | deferral {name} η={threshold} | {_spread(row['test'], 'all')} | "
                              f"{_spread(row['test'], 'seen')} | {_spread(row['test'], 'unseen')} | {fraction:.0%} | "
                              f"{calls:.1f} | {statistics.fmean(row['validation']):.0%} | {on_validation:.0%} | "
                              f"{1000 * statistics.fmean(row['seconds_per_answer']):.0f} |")
@@ -324,15 +393,20 @@ def _spread(rows: list[dict], key: str) -> str:
     return f"{statistics.fmean(values):.0%} ± {(max(values) - min(values)) / 2:.0%}"
 
 
-def price_list(text: str) -> tuple[float, ...]:
-    """``--prices 0,0.3`` -> (0.0, 0.3); anything else is an argparse error naming what was expected."""
-    try:
-        prices = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated prices (nats per source call, >= 0), got {text!r}")
-    if any(p < 0 for p in prices):
-        raise argparse.ArgumentTypeError(f"prices must be >= 0, got {text!r}")
-    return prices
+def variant_list(text: str) -> tuple[str, ...]:
+    """``--variants 0,0.3,call_gate`` -> ("0", "0.3", "call_gate"); anything else is an argparse error naming what was
+    expected."""
+    variants = []
+    for item in text.split(","):
+        try:
+            key = variant_key(item.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated prices (nats per source call, >= 0) or "
+                                             f"{CALL_GATE!r}, got {text!r}")
+        if key != CALL_GATE and float(key) < 0:
+            raise argparse.ArgumentTypeError(f"prices must be >= 0, got {text!r}")
+        variants.append(key)
+    return tuple(variants)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,8 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=tuple(OUTPUTS), default="composition",
                         help="the composition world (the demo's) or the fact world (examples/compare.yaml)")
     parser.add_argument("--output", help="results file (default: benchmarks/results/defer-worlds[-facts].json)")
-    parser.add_argument("--prices", type=price_list, help="λ to train, comma-separated, instead of the rule's (e.g. 0,0.3 reproduces "
-                        "the retired worlds' rows)")
+    parser.add_argument("--variants", type=variant_list,
+                        help="deferral variants to train, comma-separated: prices λ of the target-only gate and/or "
+                        f"{CALL_GATE!r}, instead of the rule's; a world already in the results gains those it lacks "
+                        "(e.g. --worlds 3,4 --variants 0,0.3 reproduces the retired worlds' rows)")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few steps of everything (numbers meaningless)")
     args = parser.parse_args(argv)
@@ -351,26 +427,30 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(path.read_text()) if path.exists() else {"worlds": {}}
     results["kind"] = args.kind
     seeds = [int(s) for s in args.seeds.split(",")]
-    results.update(seeds=seeds, thresholds=list(THRESHOLDS), slack=SLACK,
+    results.update(seeds=seeds, slack=SLACK,
                    command="python benchmarks/defer_worlds.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     for world in (int(w) for w in args.worlds.split(",")):
-        if str(world) in results["worlds"]:
-            log(f"world {world}: already in {path}, skipped")
-            continue
-        if args.prices:
-            prices = args.prices
+        existing = results["worlds"].get(str(world))
+        if args.variants:
+            variants = args.variants
         elif world in DEVELOPMENT_WORLDS:
-            prices = PRICES
-        else:  # a held-out world trains the price chosen on the development worlds, and the unpriced gate
+            variants = (*(f"{p:g}" for p in PRICES), CALL_GATE)
+        else:  # a held-out world trains the variant chosen on the development worlds, and the unpriced gate
             if path.exists():
                 results["worlds"] = json.loads(path.read_text())["worlds"]
             missing = [w for w in DEVELOPMENT_WORLDS if str(w) not in results["worlds"]]
             if missing:
-                log(f"world {world}: the price is chosen on the development worlds first: run --worlds "
+                log(f"world {world}: the variant is chosen on the development worlds first: run --worlds "
                     f"{','.join(map(str, missing))} (results in {path})")
                 return 1
-            prices = prices_to_train([results["worlds"][str(w)] for w in DEVELOPMENT_WORLDS])
-        finished = run_world(world, seeds, not args.quiet, args.quick, args.kind, prices)
+            variants = variants_to_train([results["worlds"][str(w)] for w in DEVELOPMENT_WORLDS])
+        if existing is not None:
+            variants = tuple(v for v in variants if v not in existing["rows"].get("deferral", {}))
+            if not variants:
+                log(f"world {world}: already in {path} with every variant asked, skipped")
+                continue
+            log(f"world {world}: adding {', '.join(variants)} to the world in {path}")
+        finished = run_world(world, seeds, not args.quiet, args.quick, args.kind, variants, existing)
         if path.exists():  # another process may have written other worlds meanwhile (one world per process is fine)
             results["worlds"] = json.loads(path.read_text())["worlds"]
         results["worlds"][str(world)] = finished

@@ -24,6 +24,8 @@ def compose(model_folder, tokenizer, **options):
                                           tokenizer=tokenizer, **{**DEFER, **options}).eval()
     with torch.no_grad():  # a gate that varies with the target's state and confidence, so that η splits positions
         model.head.mixture.mix_gate.weight.normal_(0, 0.5)
+        if model.head.mixture.call_gate is not None:
+            model.head.mixture.call_gate.weight.normal_(0, 0.5)
     return model
 
 
@@ -39,16 +41,20 @@ def generate(model, batch, threshold, **extra):
 
 
 def weights_seen(model, batch) -> torch.Tensor:
-    """The gate's source weight at every position of a teacher-forced pass over the prompts."""
+    """The deciding gate's score at every position of a teacher-forced pass over the prompts."""
     model.config.defer_threshold = None
     with torch.no_grad():
         output = model.target(**batch, output_hidden_states=True)
-        return model.head.mixture.source_weight(output.hidden_states[-1], output.logits.float().log_softmax(-1))
+        return model.head.mixture.call_score(output.hidden_states[-1], output.logits.float().log_softmax(-1))
 
 
-@pytest.mark.parametrize("gate", ["state", "target_confidence"])
-def test_threshold_zero_is_the_every_token_mixture(model_folder, tokenizer, gate):
-    model = compose(model_folder, tokenizer, mixture_gate=gate)
+CALL_GATE = dict(mixture_gate="confidence", call_gate=True)  # the mixture reads both; a call gate decides
+
+
+@pytest.mark.parametrize("options", [dict(mixture_gate="state"), dict(mixture_gate="target_confidence"), CALL_GATE],
+                         ids=["state", "target_confidence", "call_gate"])
+def test_threshold_zero_is_the_every_token_mixture(model_folder, tokenizer, options):
+    model = compose(model_folder, tokenizer, **options)
     batch = inputs(tokenizer)
     every = generate(model, batch, None)
     deferred = generate(model, batch, 0.0)
@@ -85,11 +91,12 @@ def split_threshold(model, batch) -> float:
     return float(weights[:, batch.input_ids.shape[1] - 1:-1].median())
 
 
-@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
-def test_deferring_some_positions_equals_recomputing_with_the_source_everywhere(model_folder, tokenizer, head):
+@pytest.mark.parametrize("head,options", [("source_mix", {}), ("source_pointer", {}), ("source_mix", CALL_GATE),
+                                          ("source_pointer", CALL_GATE)])
+def test_deferring_some_positions_equals_recomputing_with_the_source_everywhere(model_folder, tokenizer, head, options):
     """Cached deferral (the source reads only when asked, in chunks) gives the same tokens and scores as the
     uncached forward, where the source reads everything and the gate's choice is applied afterwards."""
-    model = compose(model_folder, tokenizer, head=head, mixture_gate="target_confidence")
+    model = compose(model_folder, tokenizer, head=head, **{"mixture_gate": "target_confidence", **options})
     for batch in (inputs(tokenizer), inputs(tokenizer, PROMPTS[:1])):
         threshold = split_threshold(model, batch)
         cached = generate(model, batch, threshold)
@@ -113,19 +120,22 @@ def test_rows_of_a_batch_defer_independently(model_folder, tokenizer):
         assert torch.equal(together[row][-len(alone):], alone)
 
 
-def test_a_saved_model_defers_as_trained(model_folder, tokenizer, tmp_path):
-    model = compose(model_folder, tokenizer, mixture_gate="target_confidence", defer_threshold=0.5)
+@pytest.mark.parametrize("options", [dict(mixture_gate="target_confidence"), CALL_GATE], ids=["mixture_gate", "call_gate"])
+def test_a_saved_model_defers_as_trained(model_folder, tokenizer, tmp_path, options):
+    model = compose(model_folder, tokenizer, defer_threshold=0.5, **options)
     model.save_pretrained(tmp_path / "saved")
     loaded = LLMModulesForCausalLM.from_pretrained(tmp_path / "saved")
-    assert loaded.config.defer_threshold == 0.5
+    assert loaded.config.defer_threshold == 0.5 and loaded.config.call_gate == options.get("call_gate", False)
     batch = inputs(tokenizer)
     expected = generate(model, batch, 0.5).sequences
+    report = model.last_deferral.report()
     got = loaded.generate(**batch, max_new_tokens=8, do_sample=False)  # no extra argument
-    assert torch.equal(got, expected) and loaded.last_deferral is not None
+    assert torch.equal(got, expected) and loaded.last_deferral.report() == report
 
 
 @pytest.mark.parametrize("options,message", [
     (dict(mixture_gate="confidence"), "reads only the target"),
+    (dict(head="target", memory="prompt", call_gate=True, defer_threshold=None), "call_gate learns where a mixture"),
     (dict(fusion_layers=None), "fusion_layers=\\[\\]"),
     (dict(head="target", memory="prompt"), "head='source_mix' or 'source_pointer'"),
     (dict(defer_threshold=1.5), "in \\[0, 1\\]"),
@@ -146,31 +156,41 @@ def test_the_price_and_threshold_are_chosen_on_the_development_world_only():
         rows = {bench.DEMO_ROW.name: {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]},
                 "deferral": {}}
         for price, by_threshold in by_price.items():
-            rows[bench.defer_row(price).name] = {"validation": [mix], "test": [{"all": mix, "seen": mix, "unseen": mix}]}
-            rows["deferral"][f"{price:g}"] = {
+            rows[bench.variant_spec(price).name] = {"validation": [mix],
+                                                    "test": [{"all": mix, "seen": mix, "unseen": mix}]}
+            rows["deferral"][price] = {
                 str(t): {"validation": [v], "validation_decoding": [{"source_position_fraction": share}],
                          "test": [{"all": x, "seen": x, "unseen": x - 0.1}],
                          "decoding": [{"source_position_fraction": share / 2, "source_calls": 3}]}
                 for t, (v, share, x) in by_threshold.items()}
         return {"world_seed": seed, "rows": rows}
 
-    development = world(0, {0.0: {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
-                            0.3: {0.2: (0.9, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
-    assert bench.choose_deferral([development]) == (0.3, 0.2)  # the fewest calls among those within SLACK
+    development = world(0, {"0": {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
+                            "0.3": {0.2: (0.9, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
+    assert bench.choose_deferral([development]) == ("0.3", 0.2)  # the fewest calls among those within SLACK
     # another development world where λ = 0.3 at η = 0.2 falls 10 points short: the mean moves the choice
-    other = world(1, {0.0: {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
-                      0.3: {0.2: (0.8, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
-    assert bench.choose_deferral([development, other]) == (0.0, 0.5)
-    held_out = world(6, {0.0: {0.2: (0, 1, 0.1), 0.5: (0, 1, 0.1), 0.8: (0, 1, 1.0)},
-                         0.3: {0.2: (0, 0.4, 0.85), 0.5: (1, 0, 1.0), 0.8: (1, 0, 1.0)}})
-    retired = world(bench.RETIRED_WORLDS[0], {0.3: {0.2: (0, 0, 0.0)}})
+    other = world(1, {"0": {0.2: (0.9, 0.5, 0), 0.5: (0.89, 0.3, 0), 0.8: (0.5, 0.1, 0)},
+                      "0.3": {0.2: (0.8, 0.2, 0), 0.5: (0.85, 0.05, 0), 0.8: (0.5, 0.01, 0)}})
+    assert bench.choose_deferral([development, other]) == ("0", 0.5)
+    held_out = world(6, {"0": {0.2: (0, 1, 0.1), 0.5: (0, 1, 0.1), 0.8: (0, 1, 1.0)},
+                         "0.3": {0.2: (0, 0.4, 0.85), 0.5: (1, 0, 1.0), 0.8: (1, 0, 1.0)}})
+    retired = world(bench.RETIRED_WORLDS[0], {"0.3": {0.2: (0, 0, 0.0)}})
     worlds = {str(w): development for w in bench.DEVELOPMENT_WORLDS}
     summary = bench.summary({"worlds": {**worlds, "6": held_out, str(bench.RETIRED_WORLDS[0]): retired}})
-    assert (summary["chosen_price"], summary["chosen_threshold"], summary["held_out_worlds"]) == (0.3, 0.2, [6])
+    assert (summary["chosen_variant"], summary["chosen_threshold"], summary["held_out_worlds"]) == ("0.3", 0.2, [6])
     assert summary["defer_source_position_fraction"] == pytest.approx(0.2)
     assert summary["defer_accuracy_minus_mix"] == pytest.approx(100 * (0.75 - 0.9))  # min over seen and unseen
-    nothing_within = world(0, {0.0: {0.2: (0.5, 0.5, 0), 0.5: (0.6, 0.3, 0)}})
-    assert bench.choose_deferral([nothing_within]) == (0.0, 0.5)  # then the most accurate
+    nothing_within = world(0, {"0": {0.2: (0.5, 0.5, 0), 0.5: (0.6, 0.3, 0)}})
+    assert bench.choose_deferral([nothing_within]) == ("0", 0.5)  # then the most accurate
+    # the call gate, chosen: its headline is read on the worlds held out again, never on worlds read before it
+    with_gate = world(0, {"0": {0.2: (0.9, 0.5, 0)}, bench.CALL_GATE: {0.1: (0.9, 0.2, 0)}})
+    again = bench.HELD_OUT_AGAIN[0]
+    summary = bench.summary({"worlds": {**{str(w): with_gate for w in bench.DEVELOPMENT_WORLDS},
+                                        "6": world(6, {bench.CALL_GATE: {0.1: (0, 0.1, 0.2)}}),
+                                        str(again): world(again, {bench.CALL_GATE: {0.1: (0, 0.1, 0.9)}})}})
+    assert (summary["chosen_variant"], summary["held_out_worlds"]) == (bench.CALL_GATE, [again])
+    assert summary["held_out_accuracy"]["all"]["deferral"] == pytest.approx(0.9)
+    assert summary["on_worlds_read_before"]["worlds"] == [6]
 
 
 def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tokenizer, tmp_path):
@@ -186,10 +206,11 @@ def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tok
         load_served_models(tmp_path / "reads-source", defer_threshold=0.3)
 
 
-@pytest.mark.parametrize("head", ["source_mix", "source_pointer"])
-def test_perturbing_the_future_leaves_deferral_past_logits_unchanged(model_folder, tokenizer, head):
+@pytest.mark.parametrize("head,options", [("source_mix", {}), ("source_pointer", {}), ("source_mix", CALL_GATE),
+                                          ("source_pointer", CALL_GATE)])
+def test_perturbing_the_future_leaves_deferral_past_logits_unchanged(model_folder, tokenizer, head, options):
     """With η set, the forward applies the gate's choice per position: the past's logits must not see later tokens."""
-    model = compose(model_folder, tokenizer, head=head, mixture_gate="target_confidence")
+    model = compose(model_folder, tokenizer, head=head, **{"mixture_gate": "target_confidence", **options})
     batch = inputs(tokenizer, PROMPTS[:1])
     model.config.defer_threshold = float(weights_seen(model, batch).median())
     ids = batch.input_ids
@@ -308,11 +329,67 @@ def test_the_speed_benchmarks_write_what_the_readme_reads(tmp_path, monkeypatch)
     assert (tmp_path / "defer-speed-tiny-cpu-float32.md").exists() and (tmp_path / "catch-up-cost-tiny.md").exists()
 
 
-def test_defer_worlds_refuses_a_bad_price_list_with_what_it_expected(capsys):
+def test_defer_worlds_refuses_a_bad_variant_list_with_what_it_expected(capsys):
     import defer_worlds as bench
 
-    assert bench.price_list("0,0.3") == (0.0, 0.3)
+    assert bench.variant_list("0,0.30,call_gate") == ("0", "0.3", "call_gate")
     for bad, message in (("0,x", "comma-separated prices"), ("-1", ">= 0")):
         with pytest.raises(SystemExit) as stopped:
-            bench.main(["--worlds", "3", "--prices", bad, "--output", "/nonexistent/never-written.json"])
+            bench.main(["--worlds", "3", "--variants", bad, "--output", "/nonexistent/never-written.json"])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_call_gate_starts_every_other_weight_as_without_it_and_trains_nothing_else(model_folder, tokenizer):
+    """Adding ``call_gate`` leaves the composition as it was: the same initial weights (it draws no random number),
+    the same every-token logits, and the same gradient on every other weight (its inputs are detached); its own
+    loss is added to the training loss."""
+    batch = inputs(tokenizer)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    models, grads, losses = {}, {}, {}
+    for with_gate in (False, True):
+        torch.manual_seed(0)
+        model = LLMModulesForCausalLM.compose(model_folder("qwen2", hidden=48), model_folder("llama", seed=1),
+                                              tokenizer=tokenizer, **{**DEFER, "mixture_gate": "confidence",
+                                                                      "call_gate": with_gate}).train()
+        output = model(**batch, labels=labels)
+        output.loss.backward()
+        models[with_gate], losses[with_gate] = model, output
+        grads[with_gate] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    gate_weights = {n for n in grads[True] if "call_gate" in n}
+    assert gate_weights == {"head.mixture.call_gate.weight", "head.mixture.call_gate.bias"}
+    assert set(grads[True]) - gate_weights == set(grads[False])
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=0, atol=0)
+    without = dict(models[False].named_parameters())
+    for name, weight in models[True].named_parameters():
+        if name not in gate_weights:
+            assert torch.equal(weight, without[name]), name
+    torch.testing.assert_close(losses[True].logits, losses[False].logits, rtol=0, atol=0)
+    # at its zero start the call gate says 0.5 everywhere: its loss is log 2 per trained position, on top
+    trained = (labels[:, 1:] != -100).sum()
+    assert float(losses[True].source_call_cost.detach()[:, :-1][labels[:, 1:] != -100].sum() / trained) == pytest.approx(
+        float(torch.log(torch.tensor(2.0))), rel=1e-5)
+    assert float((losses[True].loss - losses[False].loss).detach()) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)
+
+
+def test_a_call_gate_learns_where_the_mixture_changes_the_target_token(model_folder, tokenizer):
+    """Trained through the model (its loss alone moves it), the call gate's score ranks the positions where the
+    mixture's most likely token differs from the target's own above those where they agree."""
+    model = compose(model_folder, tokenizer, **CALL_GATE)
+    with torch.no_grad():
+        model.head.mixture.call_gate.weight.zero_()
+    batch = inputs(tokenizer, ["The quick brown fox jumps over the lazy dog", "A small model reads a large one"])
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    with torch.no_grad():
+        output = model(**batch)
+        target = model.target(**batch, output_hidden_states=True)
+    changes = (output.logits.argmax(-1) != target.logits.argmax(-1))[batch.attention_mask.bool()]
+    assert 0 < int(changes.sum()) < changes.numel()  # both kinds of position are there to learn
+    optimizer = torch.optim.Adam(model.head.mixture.call_gate.parameters(), lr=5e-2)
+    model.train()
+    for _ in range(150):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    scores = weights_seen(model.eval(), batch)[batch.attention_mask.bool()]
+    assert scores[changes].min() > scores[~changes].max(), (scores[changes], scores[~changes])

@@ -156,7 +156,8 @@ class BridgeTopology(Topology):
         head = model.head(HeadInputs(
             hidden.to(model.connector.pre_proj.weight.dtype), run.hidden, None, run.source_states, attention_mask,
             run.cache, model.source_logits))
-        return TopologyOutput(head.logits, head.head_logits, run.cache, run.attention_maps, head.source_weight)
+        return TopologyOutput(head.logits, head.head_logits, run.cache, run.attention_maps, head.source_weight,
+                              head.call_gate_loss)
 
     def describe(self, config) -> str:
         return f"bridge; connector: {config.connector_layers} Enhanced Cross-Attention layers, {config.heads} heads,"

@@ -68,6 +68,9 @@ class ComposeOptions:
     # a mixture head's training loss adds this many nats x the gate's source weight at each position: the price of a
     # call to the source, so that a deferring model calls it only where it gains that much (model/loss.py)
     source_call_price: float = 0.0
+    # a second gate, on the target alone, trained where the mixture's token differs from the target's own: deferral
+    # decides on it, so the mixture gate may read the source too (mixture_gate: confidence; model/heads.py)
+    call_gate: bool = False
     heads: int | None = None  # None: 8 for the bridge [paper], the target's attention heads for fusion
     adapter_dim: int = 256
     attention_dropout: float = 0.1
@@ -87,8 +90,9 @@ class ComposeOptions:
     lora_alpha: int = field(default=32, metadata=_only("fusion"))
     lora_dropout: float = field(default=0.0, metadata=_only("fusion"))
     lora_target_modules: list[str] | None = field(default=None, metadata=_only("fusion"))
-    # η of deferral decoding (model/deferral.py): the source runs only where the gate's source weight >= η; None: at
-    # every position. Needs a mixture head, a gate that reads the target alone and fusion_layers: []
+    # η of deferral decoding (model/deferral.py): the source runs only where the gate's source weight (or the call
+    # gate's probability) >= η; None: at every position. Needs a mixture head, a gate that reads the target alone (or
+    # call_gate) and fusion_layers: []
     defer_threshold: float | None = field(default=None, metadata=_only("fusion"))
 
     def __post_init__(self) -> None:
@@ -169,22 +173,27 @@ def check_can_defer(config) -> None:
     if config.topology != "fusion" or config.head not in ("source_mix", "source_pointer"):
         raise LLMModulesError("defer_threshold needs topology='fusion' with head='source_mix' or 'source_pointer': "
                               "deferral decides whether to mix in the source's next-token distribution")
-    if config.mixture_gate not in TARGET_ONLY_GATES:
+    if config.mixture_gate not in TARGET_ONLY_GATES and not config.call_gate:
         raise LLMModulesError(f"defer_threshold needs a gate that reads only the target (mixture_gate='state' or "
-                              f"'target_confidence'); mixture_gate={config.mixture_gate!r} reads the source's "
-                              "distribution, which deferral must decide without")
+                              f"'target_confidence', or call_gate=True beside any mixture gate); mixture_gate="
+                              f"{config.mixture_gate!r} reads the source's distribution, which deferral must decide "
+                              "without")
     if config.fusion_layers != []:
         raise LLMModulesError("defer_threshold: cross-attention blocks that read the source along the sequence need it "
                               "at every step, so deferral cannot skip it; use fusion_layers=[] (the mixture gate alone)")
 
 
 def check_call_price(config) -> None:
-    """``source_call_price`` prices a mixture gate's calls: >= 0, and only where there is such a gate."""
+    """``source_call_price`` prices a mixture gate's calls: >= 0, and only where there is such a gate; so does
+    ``call_gate`` need one."""
     price = config.source_call_price or 0.0
     if price < 0:
         raise LLMModulesError(f"source_call_price must be >= 0 (nats per call to the source), got {price!r}")
     if price and config.head not in ("source_mix", "source_pointer"):
         raise LLMModulesError(f"source_call_price prices a mixture gate's calls to the source: it needs "
+                              f"head='source_mix' or 'source_pointer', not head={config.head!r}")
+    if config.call_gate and config.head not in ("source_mix", "source_pointer"):
+        raise LLMModulesError(f"call_gate learns where a mixture head's token differs from the target's own: it needs "
                               f"head='source_mix' or 'source_pointer', not head={config.head!r}")
 
 
@@ -225,6 +234,7 @@ class LLMModulesConfig(PreTrainedConfig):
     head: str = "new"
     mixture_gate: str = "state"
     source_call_price: float = 0.0
+    call_gate: bool = False
     vocab_size: int | None = None
     tie_word_embeddings: bool = False
     memory: str = "prompt"

@@ -5,12 +5,14 @@ assistant generates; a threshold at decode time sets how often) and Big Little D
 the large model catches up on the pending tokens in one non-autoregressive pass).
 
 A fusion model with a mixture head (``source_mix``/``source_pointer``), no cross-attention blocks
-(``fusion_layers: []``) and a gate that reads only the target (``mixture_gate: state | target_confidence``) can
-decide before the source runs. At each decoding step:
+(``fusion_layers: []``) and a gate that reads only the target can decide before the source runs: the mixture gate
+itself (``mixture_gate: state | target_confidence``), or a call gate beside any mixture gate (``call_gate: true``,
+model/heads.py: trained where the mixture's token differs from the target's own). At each decoding step:
 
 1. the target runs alone and gives its last state and its own distribution;
-2. the gate gives the weight w the mixture would give the source; where w < η (``defer_threshold``) the token's
-   distribution is the target's own and the source does not run;
+2. the deciding gate gives a score s (``SourceMixture.call_score``: the weight the mixture would give the source, or
+   the call gate's probability); where s < η (``defer_threshold``) the token's distribution is the target's own and
+   the source does not run;
 3. where w >= η the source catches up on every token since its last call in one chunked forward through its KV
    cache (so its cache is exactly what running it at every step would have built), and its distribution is mixed
    in as the every-token mixture does. η = 0 is the every-token mixture.
@@ -95,7 +97,7 @@ def deferred_forward(model, input_ids: torch.LongTensor, attention_mask: torch.T
     base = output.logits.float().log_softmax(-1)  # [B, t, V]
     mixture = model.head.mixture
     threshold = float(model.config.defer_threshold)
-    calls = mixture.source_weight(hidden, base) >= threshold  # [B, t]
+    calls = mixture.call_score(hidden, base) >= threshold  # [B, t]
     if state.positions is None:
         state.positions = torch.zeros(input_ids.shape[0], dtype=torch.long)
         state.source_positions = torch.zeros(input_ids.shape[0], dtype=torch.long)

@@ -222,7 +222,8 @@ class FusionTopology(Topology):
             hidden = hidden[:, -logits_to_keep:]
         head = model.head(HeadInputs(hidden, run.hidden, run.logits, run.source_states, attention_mask, run.cache,
                                      model.source_logits, threshold))
-        return TopologyOutput(head.logits, head.head_logits, run.cache, source_weight=head.source_weight)
+        return TopologyOutput(head.logits, head.head_logits, run.cache, source_weight=head.source_weight,
+                              call_gate_loss=head.call_gate_loss)
 
     def before_generate(self, model: nn.Module, input_ids: torch.LongTensor | None, kwargs: dict[str, Any]) -> None:
         # without a cache each step recomputes the whole sequence: a fixed prompt memory must be given up front

@@ -18,6 +18,12 @@ constant for the gradient). "Defer to the source where the target is unsure" is 
 whatever the token: a gate on the state alone learns *where in the format* the source was right in the transfer
 data, which does not carry to numbers it never saw there (measured on the composition world: the state-only gate
 deferred to the source at the cipher's second digit of unseen numbers, where the frozen target was sure).
+
+A call gate (``call_gate``) is a second gate for deferral (model/deferral.py): it reads the target alone (its state
+and its own confidence) and learns, beside the mixture, where the mixture's most likely token differs from the
+target's own, the only positions where calling the source changes a greedy answer. Deferral then decides on it, and
+the mixture gate that mixes where the source ran may read the source's confidence too (``mixture_gate:
+confidence``). Its inputs are detached and it starts at zero: it learns without moving anything else.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LLMModulesError
@@ -70,7 +77,7 @@ class SourceMixture(nn.Module):
     """The gate (and pointer) of a mixture head; the distributions it mixes come from the caller."""
 
     def __init__(self, d_target: int, d_source: int, pointer: bool, confidence: bool = False,
-                 target_only: bool = False) -> None:
+                 target_only: bool = False, call_gate: bool = False) -> None:
         super().__init__()
         self.pointer = pointer
         self.confidence = confidence
@@ -88,6 +95,12 @@ class SourceMixture(nn.Module):
             self.pointer_query = nn.Linear(d_target, POINTER_DIM, bias=False)
             self.pointer_key = nn.Linear(d_target, POINTER_DIM, bias=False)
             self.pointer_key_source = nn.Linear(d_source, POINTER_DIM, bias=False)
+        self.call_gate = None
+        if call_gate:  # zeros, and the random stream put back: every other weight starts as it would without it
+            with torch.random.fork_rng(devices=[]):
+                self.call_gate = nn.Linear(d_target + CONFIDENCE_FEATURES, 1)
+            nn.init.zeros_(self.call_gate.weight)
+            nn.init.zeros_(self.call_gate.bias)
 
     def pointer_keys(self, hidden: torch.Tensor, source_states: torch.Tensor) -> torch.Tensor:
         """[B, T, d_t], [B, T, d_s] -> [B, T, POINTER_DIM]: projected once per position (decoding caches them)."""
@@ -140,12 +153,22 @@ class SourceMixture(nn.Module):
             weights = logits.softmax(-1)  # [B, t, 3]
         return MIX_FLOOR + (1 - count * MIX_FLOOR) * weights
 
-    def source_weight(self, hidden: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tensor:
-        """[B, t]: the weight the mixture gives the source's paths, from the target alone (deferral decides on it).
-        hidden [B, t, d_t], base_log_probs [B, t, V]. Only a gate that reads the target alone can answer this."""
+    def call_logits(self, hidden: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tensor:
+        """The call gate's logit [B, t] that the source changes the token here, from the target's state [B, t, d_t]
+        and its own log-probabilities [B, t, V] (both detached: it learns without moving them)."""
+        features = confidence_features(base_log_probs.detach().float())
+        gate_input = torch.cat([hidden.detach().to(features.dtype), features], -1)
+        return self.call_gate(gate_input.to(self.call_gate.weight.dtype)).float()[..., 0]
+
+    def call_score(self, hidden: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tensor:
+        """[B, t] in [0, 1], from the target alone: deferral calls the source where it is >= η. The call gate's
+        probability where there is one, else the weight the mixture gate would give the source (which only a gate
+        that reads the target alone can give before the source runs). hidden [B, t, d_t], base_log_probs [B, t, V]."""
+        if self.call_gate is not None:
+            return torch.sigmoid(self.call_logits(hidden, base_log_probs))
         if not self.target_only:
             raise LLMModulesError("this mixture gate reads the source's distribution: it cannot decide before the "
-                                  "source runs (mixture_gate='state' or 'target_confidence' can)")
+                                  "source runs (mixture_gate='state' or 'target_confidence' can, or add call_gate=True)")
         paths = [base_log_probs] * (3 if self.pointer else 2)  # only the last (base) is read
         return 1.0 - self.weights(hidden, paths)[..., -1]
 
@@ -196,12 +219,13 @@ class HeadInputs:
 
 class HeadOutput(NamedTuple):
     """What an output head gives: logits [B, t, V] (mixed log-probabilities for a mixture head); a mixture head's base
-    head's own logits [B, t, V] (training adds their cross-entropy); and its gate's source weight [B, t] (training
-    prices it: ``source_call_price``)."""
+    head's own logits [B, t, V] (training adds their cross-entropy); its gate's source weight [B, t] (training
+    prices it: ``source_call_price``); and a call gate's loss [B, t] (training adds it)."""
 
     logits: torch.Tensor
     head_logits: torch.Tensor | None = None
     source_weight: torch.Tensor | None = None
+    call_gate_loss: torch.Tensor | None = None  # [B, t]: the call gate's cross-entropy at each position (training)
 
 
 class OutputHead(nn.Module):
@@ -270,10 +294,11 @@ class MixtureHead(OutputHead):
     gate's source weight (training adds its price, ``source_call_price``)."""
 
     def __init__(self, base: NewTokenHead | None, d_target: int, d_source: int, pointer: bool, confidence: bool,
-                 target_only: bool = False) -> None:
+                 target_only: bool = False, call_gate: bool = False) -> None:
         super().__init__()
         self.base = base
-        self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence, target_only=target_only)
+        self.mixture = SourceMixture(d_target, d_source, pointer=pointer, confidence=confidence, target_only=target_only,
+                                     call_gate=call_gate)
 
     def forward(self, inputs: HeadInputs) -> HeadOutput:
         hidden = inputs.hidden
@@ -291,9 +316,15 @@ class MixtureHead(OutputHead):
         mixed, source_weight = self.mixture(hidden, base, inputs.source_logits, states[:, -hidden.shape[1]:], pointer)
         if inputs.defer_threshold is not None:  # deferral (deferral.py): below η the target's own distribution
             base_log_probs = base.log_softmax(-1)
-            calls = self.mixture.source_weight(hidden, base_log_probs) >= inputs.defer_threshold
+            calls = self.mixture.call_score(hidden, base_log_probs) >= inputs.defer_threshold
             mixed = torch.where(calls[..., None], mixed, base_log_probs)
-        return HeadOutput(mixed, base, source_weight)
+        call_gate_loss = None
+        if self.mixture.call_gate is not None and self.training:
+            # where calling the source changes the greedy token: the mixture's argmax is not the target's own
+            changes = (mixed.detach().argmax(-1) != base.detach().argmax(-1)).float()
+            call_gate_loss = F.binary_cross_entropy_with_logits(
+                self.mixture.call_logits(hidden, base.log_softmax(-1)), changes, reduction="none")
+        return HeadOutput(mixed, base, source_weight, call_gate_loss)
 
     @property
     def output_embeddings(self) -> nn.Module | None:

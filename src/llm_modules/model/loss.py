@@ -38,7 +38,7 @@ def composed_lm_loss(logits: torch.Tensor, head_logits: torch.Tensor | None, lab
     (``source_mix``/``source_pointer``) in training, its base head's own loss, so that the base head learns every
     token whatever the gate does (the gate alone cannot teach it the tokens it hands to the source), and the price
     of its calls to the source at each trained prediction (``call_cost``: ``source_call_price`` nats times the
-    gate's source weight).
+    gate's source weight, plus a call gate's cross-entropy where there is one).
 
     logits, head_logits [B, T, V] (head_logits None without a mixture head), labels [B, T], call_cost [B, T] or None
     (no price). ``num_items``: divide the summed loss by this count (``Trainer``'s tokens per accumulated step);

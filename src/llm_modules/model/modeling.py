@@ -46,7 +46,8 @@ class ComposedCausalLMOutput(CausalLMOutputWithPast):
     ``labels`` are given; in evaluation mode ``loss`` is the mixture's alone)."""
 
     head_logits: torch.FloatTensor | None = None
-    source_call_cost: torch.FloatTensor | None = None  # [B, T]: source_call_price x the gate's source weight (training)
+    # [B, T] (training): source_call_price x the gate's source weight, plus a call gate's loss (model/heads.py)
+    source_call_cost: torch.FloatTensor | None = None
 
 
 def _hidden_size(config: PreTrainedConfig) -> int:
@@ -224,6 +225,15 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
             logits = F.pad(logits, (0, missing), value=torch.finfo(logits.dtype).min)
         return logits[..., : self.config.vocab_size]
 
+    def _call_cost(self, out) -> torch.Tensor | None:
+        """[B, T] what training adds at each position for the source's calls: ``source_call_price`` nats x the
+        mixture gate's source weight, plus a call gate's own loss; None where neither applies."""
+        price = float(self.config.source_call_price or 0.0)
+        terms = [price * out.source_weight] if price and out.source_weight is not None else []
+        if out.call_gate_loss is not None:
+            terms.append(out.call_gate_loss)
+        return sum(terms[1:], terms[0]) if terms else None
+
     def _check_length(self, positions: torch.Tensor) -> None:
         target = self.target.config
         if target.model_type in ABSOLUTE_POSITION_TYPES and positions.numel() and int(positions.max()) >= int(
@@ -278,8 +288,7 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
         out = self.topology.forward(self, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
                                     output_attentions, inputs)
         head_logits = out.head_logits if self.training else None  # evaluation reports the mixture's loss alone
-        price = float(self.config.source_call_price or 0.0)
-        call_cost = price * out.source_weight if self.training and price and out.source_weight is not None else None
+        call_cost = self._call_cost(out) if self.training else None
         loss = composed_lm_loss(out.logits, head_logits, labels, call_cost=call_cost) if labels is not None else None
         return ComposedCausalLMOutput(
             loss=loss,

@@ -35,6 +35,7 @@ class TopologyOutput:
     cache: Any
     attentions: list[torch.Tensor] | None = None
     source_weight: torch.Tensor | None = None
+    call_gate_loss: torch.Tensor | None = None  # [B, t]: a call gate's loss at each position (training)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Topology:
             raise LLMModulesError(f"head={config.head!r} reads the source's last layer; use source_layer=-1")
         return MixtureHead(base, d_target, d_source, pointer=config.head == "source_pointer",
                            confidence=config.mixture_gate in ("confidence", "target_confidence"),
-                           target_only=config.mixture_gate in TARGET_ONLY_GATES)
+                           target_only=config.mixture_gate in TARGET_ONLY_GATES, call_gate=bool(config.call_gate))
 
     # --------------------------------------------------------------------------------------- reading
     def input_embeddings(self, model: nn.Module) -> nn.Module | None:

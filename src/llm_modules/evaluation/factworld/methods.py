@@ -118,6 +118,8 @@ def fusion_spec(memory: str = "prompt", head: str = "target", train_target: str 
         name += f"_gate_{extra['mixture_gate']}"
     if extra.get("source_call_price"):
         name += f"_price_{extra['source_call_price']:g}"
+    if extra.get("call_gate"):
+        name += "_call_gate"
     return MethodSpec(name, "fusion", dict(memory=memory, head=head, train_target=train_target, **extra))
 
 

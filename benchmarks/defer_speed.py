@@ -13,7 +13,7 @@ Configurations: the target alone, the source alone, fusion with prompt memory (b
 layer; the source reads the prompt once), the every-token mixture (fusion, no blocks, ``source_mix``: the source
 reads along at every token) and deferral at three η. Weights are random (N(0, 0.02)), so accuracy is not measured
 here, and a random gate's decisions mean nothing (deferral decides on a call gate beside the demo's mixture gate,
-``DEFERRING``): each η is set to a quantile of the random gate's source weight so
+``DEFERRING``): each η is set by bisection on deferral's own decoding of the prompt so
 that the source is called at about 10%, 30% and 60% of positions, and at the fraction the held-out worlds measured
 (``defer-worlds.json``, when it is there), and the fraction measured while decoding is reported beside its time. Accuracy beside speed, on trained models: ``benchmarks/defer_worlds.py``. The mixture
 needs one vocabulary, so the GPT-Neo-125M-shaped target here has the source's 151,936-row vocabulary (the paper's
@@ -102,15 +102,31 @@ def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[
 
 
 @torch.no_grad()
-def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fractions: list[float]) -> list[float]:
-    """η per fraction: quantiles of the random gate's source weight over a greedy every-token continuation."""
+def share_at(model, prompt: torch.Tensor, new_tokens: int, threshold: float) -> tuple[float, int]:
+    """Deferral decoding of one answer at η = threshold: the fraction of positions where the source ran, its calls."""
+    model.config.defer_threshold = threshold
+    seconds(model, prompt, new_tokens)
+    (report,) = model.last_deferral.report()
+    return report["source_position_fraction"], report["source_calls"]
+
+
+def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fractions: list[float],
+                          steps: int = 10) -> list[float]:
+    """η per fraction, by bisection on deferral's own decoding of the prompt (the share falls as η rises; what the
+    gate reads depends on the tokens deferral chose, so quantiles over an every-token continuation miss the aim):
+    of the η tried, the one whose share is nearest the fraction (then the higher η)."""
+    out = []
+    for fraction in fractions:
+        low, high, tried = 0.0, 1.0, []
+        for _ in range(steps):
+            middle = (low + high) / 2
+            share, _ = share_at(model, prompt, new_tokens, middle)
+            tried.append((abs(share - fraction), -middle))
+            low, high = (middle, high) if share > fraction else (low, middle)
+        out.append(-min(tried)[1])
+        log(f"η for {fraction:.0%} of positions: {out[-1]:.4f}")
     model.config.defer_threshold = None
-    sequence = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=0)
-    output = model.target(input_ids=sequence, output_hidden_states=True)
-    weights = model.head.mixture.call_score(output.hidden_states[-1], output.logits.float().log_softmax(-1))
-    decoded = weights[0, prompt.shape[1] - 1:].float()
-    return [float(torch.quantile(decoded, 1 - f)) for f in fractions]
+    return out
 
 
 def held_out_fraction() -> float | None:
@@ -136,8 +152,8 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
     torch.manual_seed(1)
     mixture = LLMModulesForCausalLM.compose(source, target, memory="sequence", head="source_mix", fusion_layers=[],
                                             **DEFERRING, **common).eval()
-    with torch.no_grad():  # a random call gate that varies with the state, so that η can split the positions
-        mixture.head.mixture.call_gate.weight.normal_(0, 1 / mixture.target.config.hidden_size ** 0.5)
+    with torch.no_grad():  # a random call gate whose score spreads over (0, 1), so that η can split the positions
+        mixture.head.mixture.call_gate.weight.normal_(0, 4 / mixture.target.config.hidden_size ** 0.5)
 
     def at(threshold: float | None) -> Callable[[], None]:
         return lambda: setattr(mixture.config, "defer_threshold", threshold)
@@ -148,16 +164,13 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
     measured = held_out_fraction()
     fractions = sorted({*CALL_FRACTIONS, *([round(measured, 3)] if measured is not None else [])})
     for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompt, new_tokens, fractions)):
-        configurations[f"deferral_eta_{threshold:.3f}"] = (mixture, at(threshold))
+        configurations[f"deferral_eta_{threshold:.4f}"] = (mixture, at(threshold))
     rows = time_interleaved(configurations, prompt, new_tokens, repeats)
     for fraction, name in zip(fractions, [n for n in configurations if n.startswith("deferral")]):
         threshold = float(name.removeprefix("deferral_eta_"))
-        mixture.config.defer_threshold = threshold
-        seconds(mixture, prompt, new_tokens)  # the share of one whole answer
-        (report,) = mixture.last_deferral.report()
-        rows[name].update(defer_threshold=threshold, aimed_fraction=fraction,
-                          source_position_fraction=report["source_position_fraction"],
-                          source_calls=report["source_calls"])
+        share, calls = share_at(mixture, prompt, new_tokens, threshold)  # the share of one whole answer
+        rows[name].update(defer_threshold=threshold, aimed_fraction=fraction, source_position_fraction=share,
+                          source_calls=calls)
     return rows
 
 

@@ -146,6 +146,27 @@ def test_a_deferring_model_trains_with_its_call_price_and_defers_as_saved(config
     assert saved.last_deferral is not None and saved.last_deferral.report()[0]["positions"] == 4
 
 
+def test_a_call_gate_trains_through_train_and_the_saved_model_defers_on_it(config, model_folder, tmp_path):
+    """``call_gate: true`` beside the demo's mixture gate (which reads the source too) through ``llm-modules train``:
+    the first step's loss carries the call gate's log 2 at its zero start, its weights move and are saved, and the
+    saved model defers in ``generate()`` on it with no extra argument."""
+    first = {}
+    for with_gate in (False, True):
+        run = config(topology="fusion", target=model_folder("llama", seed=1), memory="sequence", head="source_mix",
+                     mixture_gate="confidence", fusion_layers=[], lr_mixture=3e-2, max_steps=2, scheduler="constant",
+                     call_gate=with_gate, defer_threshold=0.5 if with_gate else None,
+                     output=str(tmp_path / f"call-gate-{with_gate}"))
+        result = train(run)
+        first[with_gate] = losses(result)[1]
+    assert first[True] - first[False] == pytest.approx(0.6931, abs=1e-3)
+    saved = LLMModulesForCausalLM.from_pretrained(result.output)
+    assert saved.config.call_gate and saved.config.defer_threshold == 0.5
+    assert saved.head.mixture.call_gate.weight.abs().sum() > 0  # trained, and saved
+    ids = torch.tensor([[5, 6, 7, 8]])
+    saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert saved.last_deferral is not None and saved.last_deferral.report()[0]["positions"] == 4
+
+
 def test_gradient_accumulation_matches_one_big_batch(config, tmp_path):
     big = train(config(output=str(tmp_path / "big"), batch_size=4, grad_accum=1, max_steps=2, attention_dropout=0.0))
     small = train(config(output=str(tmp_path / "small"), batch_size=2, grad_accum=2, max_steps=2, attention_dropout=0.0))

@@ -17,6 +17,8 @@ Train a composed model. Every option of the run config can be given in the YAML 
   --cache auto|DIR --early-stopping-patience N --resume auto|DIR --report-to tensorboard|none
   --topology fusion --memory sequence --head source_mix --mixture-gate confidence --fusion-layers '[]'
   --lr-mixture X (fusion's mixture gate; default: --lr-connector)
+  --source-call-price λ --call-gate true --defer-threshold η (deferral: ask the source only where a gate on the
+  target says so; README, "Cheaper than the source")
   --method semalign --semalign.mode lora|layers|full --semalign.version v1|v2 (SemAlign: the target alone
   learns the source's layer outputs through the semantic bases; see examples/semalign-arc.yaml)
 See TrainConfig in src/llm_modules/training/config.py (model options: ComposeOptions in

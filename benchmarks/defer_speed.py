@@ -163,11 +163,13 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
                       "fusion_prompt_memory": (fusion, nothing), "every_token_mixture": (mixture, at(None))}
     measured = held_out_fraction()
     fractions = sorted({*CALL_FRACTIONS, *([round(measured, 3)] if measured is not None else [])})
+    aimed: dict[str, tuple[float, float]] = {}  # row -> (η, the first share it was aimed at: two aims may meet)
     for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompt, new_tokens, fractions)):
-        configurations[f"deferral_eta_{threshold:.4f}"] = (mixture, at(threshold))
+        aimed.setdefault(f"deferral_eta_{threshold:.4f}", (threshold, fraction))
+    for name, (threshold, _) in aimed.items():
+        configurations[name] = (mixture, at(threshold))
     rows = time_interleaved(configurations, prompt, new_tokens, repeats)
-    for fraction, name in zip(fractions, [n for n in configurations if n.startswith("deferral")]):
-        threshold = float(name.removeprefix("deferral_eta_"))
+    for name, (threshold, fraction) in aimed.items():
         share, calls = share_at(mixture, prompt, new_tokens, threshold)  # the share of one whole answer
         rows[name].update(defer_threshold=threshold, aimed_fraction=fraction, source_position_fraction=share,
                           source_calls=calls)

@@ -346,8 +346,14 @@ def summary(results: dict) -> dict:
 def whole_command(results: dict) -> str:
     """The command that computes every world in ``results`` (a run may have written them one world at a time)."""
     kind = "--kind facts " if results.get("kind") == "facts" else ""
-    worlds = ",".join(sorted(results["worlds"], key=int))
-    return f"python benchmarks/defer_worlds.py {kind}--worlds {worlds} --quiet"
+    worlds = sorted(results["worlds"], key=int)
+    command = "python benchmarks/defer_worlds.py {}--worlds {} --quiet{}"
+    current = [w for w in worlds if int(w) not in RETIRED_WORLDS]
+    retired = [w for w in worlds if int(w) in RETIRED_WORLDS]
+    text = command.format(kind, ",".join(current), "")
+    if retired:  # the first rule's rows: the variants it trained
+        text += "`, then `" + command.format(kind, ",".join(retired), " --variants 0,0.3")
+    return text
 
 
 def write_markdown(results: dict, path: Path) -> None:
@@ -355,20 +361,23 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [f"# Deferral on {title} (development) and on held-out worlds", "",
              f"`{whole_command(results)}` (one world per process is fine; each resumes). Test accuracy, mean over "
              f"seeds {results['seeds']} (spread: half the range). "
-             "λ (the price per source call the gate trained with) and η are chosen on the development worlds' "
+             "The variant (a price λ per source call the target-only gate trained with, or the call gate) and η "
+             "are chosen on the development worlds' "
              "validation facts only; \"validation: source at\" is where the choice reads the cost. "
              f"Development worlds: {', '.join(map(str, DEVELOPMENT_WORLDS))}; retired (held out for a first rule "
-             f"that chose on world 0 alone, then used to change it): {', '.join(map(str, RETIRED_WORLDS))}; the "
-             "call gate was built after worlds 6-8 had been read, so its headline is read on worlds "
-             f"{', '.join(map(str, HELD_OUT_AGAIN))}, and worlds 6-8 show it as read before.", "",
+             f"that chose on world 0 alone, then used to change it): {', '.join(map(str, RETIRED_WORLDS))}"
+             + ("; the call gate was built after worlds 6-8 had been read, so its headline is read on worlds "
+                f"{', '.join(map(str, HELD_OUT_AGAIN))}, and worlds 6-8 show it as read before."
+                if results.get("kind", "composition") == "composition" else "."), "",
              "| world | row | test | seen | unseen | source ran at | source calls / answer | validation | "
              "validation: source at | ms / answer (prefill + 32 tokens) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, world in sorted(results["worlds"].items(), key=lambda kv: int(kv[0])):
+        rows = world["rows"]
         label = (f"{key} (development)" if int(key) in DEVELOPMENT_WORLDS else
                  f"{key} (retired: held out for the first rule)" if int(key) in RETIRED_WORLDS else
-                 f"{key} (held out)" if int(key) in HELD_OUT_AGAIN else f"{key} (held out; read before the call gate)")
-        rows = world["rows"]
+                 f"{key} (held out; read before the call gate)" if int(key) not in HELD_OUT_AGAIN and
+                 CALL_GATE in rows["deferral"] else f"{key} (held out)")
         for name in [p.name for p in PARENTS]:
             t = rows[name]["test"]
             lines.append(f"| {label} | {name} | {t['all']:.0%} | {t['seen']:.0%} | {t['unseen']:.0%} | | | | | "
@@ -443,8 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         existing = results["worlds"].get(str(world))
         if args.variants:
             variants = args.variants
-        elif world in DEVELOPMENT_WORLDS:
-            variants = (*(f"{p:g}" for p in PRICES), CALL_GATE)
+        elif world in DEVELOPMENT_WORLDS:  # the call gate came after the fact world's rows, and has not run there
+            variants = (*(f"{p:g}" for p in PRICES), *((CALL_GATE,) if args.kind == "composition" else ()))
         else:  # a held-out world trains the variant chosen on the development worlds, and the unpriced gate
             if path.exists():
                 results["worlds"] = json.loads(path.read_text())["worlds"]

@@ -64,15 +64,17 @@ def target_config(shapes: str, vocab_size: int):
 
 
 @torch.no_grad()
-def seconds(model, prompt: torch.Tensor, tokens: int) -> float:
-    """One answer end to end: the prompt's prefill plus ``tokens`` decoded greedily (no early stop)."""
+def seconds(model, prompts: list[torch.Tensor], tokens: int) -> float:
+    """Seconds per answer end to end, the mean over ``prompts`` (each [1, L], answered alone): the prompt's prefill
+    plus ``tokens`` decoded greedily (no early stop)."""
     start = time.perf_counter()
-    model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
-                   min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - start
+    for prompt in prompts:
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    return (time.perf_counter() - start) / len(prompts)
 
 
-def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[], None]]], prompt: torch.Tensor,
+def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[], None]]], prompts: list[torch.Tensor],
                      new_tokens: int, repeats: int) -> dict[str, dict]:
     """Every configuration once per round, ``repeats`` rounds, so that a slow spell of a shared machine falls on all
     of them alike; each answer's ratio to the source alone's is taken within its round. configurations: name ->
@@ -81,14 +83,14 @@ def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[
     the range over rounds)."""
     for model, set_up in configurations.values():  # warm-up
         set_up()
-        seconds(model, prompt, 2)
+        seconds(model, prompts[:1], 2)
     whole: dict[str, list[float]] = {name: [] for name in configurations}
     first: dict[str, list[float]] = {name: [] for name in configurations}
     for round_ in range(repeats):
         for name, (model, set_up) in configurations.items():
             set_up()
-            whole[name].append(seconds(model, prompt, new_tokens))
-            first[name].append(seconds(model, prompt, 1))
+            whole[name].append(seconds(model, prompts, new_tokens))
+            first[name].append(seconds(model, prompts, 1))
         log(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in whole.items()))
     rows = {}
     for name in configurations:
@@ -102,15 +104,20 @@ def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[
 
 
 @torch.no_grad()
-def share_at(model, prompt: torch.Tensor, new_tokens: int, threshold: float) -> tuple[float, int]:
-    """Deferral decoding of one answer at η = threshold: the fraction of positions where the source ran, its calls."""
+def share_at(model, prompts: list[torch.Tensor], new_tokens: int, threshold: float) -> tuple[float, float]:
+    """Deferral decoding at η = threshold: the fraction of positions where the source ran and its forwards per
+    answer, means over the prompts."""
     model.config.defer_threshold = threshold
-    seconds(model, prompt, new_tokens)
-    (report,) = model.last_deferral.report()
-    return report["source_position_fraction"], report["source_calls"]
+    shares, calls = [], []
+    for prompt in prompts:
+        seconds(model, [prompt], new_tokens)
+        (report,) = model.last_deferral.report()
+        shares.append(report["source_position_fraction"])
+        calls.append(report["source_calls"])
+    return statistics.fmean(shares), statistics.fmean(calls)
 
 
-def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fractions: list[float],
+def calibrated_thresholds(model, prompts: list[torch.Tensor], new_tokens: int, fractions: list[float],
                           steps: int = 10) -> list[float]:
     """η per fraction, by bisection on deferral's own decoding of the prompt (the share falls as η rises; what the
     gate reads depends on the tokens deferral chose, so quantiles over an every-token continuation miss the aim):
@@ -120,7 +127,7 @@ def calibrated_thresholds(model, prompt: torch.Tensor, new_tokens: int, fraction
         low, high, tried = 0.0, 1.0, []
         for _ in range(steps):
             middle = (low + high) / 2
-            share, _ = share_at(model, prompt, new_tokens, middle)
+            share, _ = share_at(model, prompts, new_tokens, middle)
             tried.append((abs(share - fraction), -middle))
             low, high = (middle, high) if share > fraction else (low, middle)
         out.append(-min(tried)[1])
@@ -136,14 +143,15 @@ def held_out_fraction() -> float | None:
     return json.loads(path.read_text()).get("summary", {}).get("defer_source_position_fraction")
 
 
-def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32) -> dict:
+def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32,
+        prompt_count: int = 1, aims: tuple[float, ...] = CALL_FRACTIONS) -> dict:
     torch.manual_seed(0)
     source = random_causal_lm(source_config(shapes), dtype, "cpu")
     vocab = int(source.config.vocab_size)
     target = random_causal_lm(target_config(shapes, vocab), dtype, "cpu", seed=1)
     tokenizer = build_tokenizer()  # stands in for the one tokenizer: the inputs are ids
     common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", attention_dropout=0.0)
-    prompt = torch.randint(1, min(vocab, 30000), (1, prompt_length))
+    prompts = [torch.randint(1, min(vocab, 30000), (1, prompt_length)) for _ in range(prompt_count)]
     log(f"{shapes} shapes: source {sum(p.numel() for p in source.parameters()) / 1e6:.0f}M, target "
         f"{sum(p.numel() for p in target.parameters()) / 1e6:.0f}M parameters; prompt {prompt_length}, "
         f"{new_tokens} new tokens, {repeats} rounds")
@@ -162,15 +170,15 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
     configurations = {"target_alone": (target, nothing), "source_alone": (source, nothing),
                       "fusion_prompt_memory": (fusion, nothing), "every_token_mixture": (mixture, at(None))}
     measured = held_out_fraction()
-    fractions = sorted({*CALL_FRACTIONS, *([round(measured, 3)] if measured is not None else [])})
+    fractions = sorted({*aims, *([round(measured, 3)] if measured is not None else [])})
     aimed: dict[str, tuple[float, float]] = {}  # row -> (η, the first share it was aimed at: two aims may meet)
-    for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompt, new_tokens, fractions)):
+    for fraction, threshold in zip(fractions, calibrated_thresholds(mixture, prompts, new_tokens, fractions)):
         aimed.setdefault(f"deferral_eta_{threshold:.4f}", (threshold, fraction))
     for name, (threshold, _) in aimed.items():
         configurations[name] = (mixture, at(threshold))
-    rows = time_interleaved(configurations, prompt, new_tokens, repeats)
+    rows = time_interleaved(configurations, prompts, new_tokens, repeats)
     for name, (threshold, fraction) in aimed.items():
-        share, calls = share_at(mixture, prompt, new_tokens, threshold)  # the share of one whole answer
+        share, calls = share_at(mixture, prompts, new_tokens, threshold)  # the share of whole answers
         rows[name].update(defer_threshold=threshold, aimed_fraction=fraction, source_position_fraction=share,
                           source_calls=calls)
     return rows
@@ -192,6 +200,7 @@ def headline(rows: dict) -> dict:
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')})", "",
              f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
+             f"mean over {result.get('prompts', 1)} random prompt(s), "
              f"median of {result['repeats']} interleaved rounds; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
              "`defer-worlds.md`).", "",
              "| configuration | s / answer (end to end) | × source alone (± half range over rounds) | source ran at | "
@@ -208,6 +217,17 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines))
 
 
+def fraction_list(text: str) -> tuple[float, ...]:
+    """``--aims 0.1,0.3`` -> (0.1, 0.3); anything else is an argparse error naming what was expected."""
+    try:
+        aims = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares in (0, 1), got {text!r}")
+    if not all(0 < a < 1 for a in aims):
+        raise argparse.ArgumentTypeError(f"shares must be in (0, 1), got {text!r}")
+    return aims
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", choices=("paper", "tiny"), default="paper")
@@ -216,15 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each times every configuration once")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="of both models (bfloat16: the library's choice on a CPU that computes it natively)")
+    parser.add_argument("--prompts", type=int, default=1,
+                        help="random prompts per timing (a time and a share are means over them: with one, the share "
+                        "jumps as the tokens deferral chose change what the gate reads)")
+    parser.add_argument("--aims", type=fraction_list, default=CALL_FRACTIONS,
+                        help="shares of positions to set η for, comma-separated (the held-out worlds' is added)")
     args = parser.parse_args(argv)
-    rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype))
+    rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype), args.prompts,
+               args.aims)
     result = {"shapes": args.shapes, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new_tokens,
-              "repeats": args.repeats,
+              "repeats": args.repeats, "prompts": args.prompts,
               "threads": torch.get_num_threads(), "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     result["summary"] = headline(rows)
-    write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}.json", write_markdown)
+    variant = "" if (args.prompts, args.aims) == (1, CALL_FRACTIONS) else f"-prompts{args.prompts}"
+    write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}{variant}.json", write_markdown)
     return 0
 
 

@@ -212,9 +212,13 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{fraction:.0%}" if fraction is not None else ("prompt only" if "prompt" in name else "never"))
         lines.append(f"| {name} | {row['seconds_per_answer']:.2f} | {row['vs_source_alone']:.2f} ± "
                      f"{row.get('vs_source_alone_spread', 0):.2f} | {ran} | "
-                     f"{row.get('source_calls', '')} | {row['seconds_per_step']:.3f} |")
+                     f"{_calls(row.get('source_calls'))} | {row['seconds_per_step']:.3f} |")
     lines += ["", "```json", json.dumps(result["summary"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
+
+
+def _calls(calls: float | None) -> str:
+    return "" if calls is None else f"{calls:g}" if float(calls).is_integer() else f"{calls:.1f}"
 
 
 def fraction_list(text: str) -> tuple[float, ...]:

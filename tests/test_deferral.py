@@ -136,6 +136,8 @@ def test_a_saved_model_defers_as_trained(model_folder, tokenizer, tmp_path, opti
 @pytest.mark.parametrize("options,message", [
     (dict(mixture_gate="confidence"), "reads only the target"),
     (dict(head="target", memory="prompt", call_gate=True, defer_threshold=None), "call_gate learns where a mixture"),
+    (dict(topology="bridge", head="source_mix", memory="prompt", fusion_layers=None, call_gate=True,
+          defer_threshold=None), "call_gate decides deferral, which needs topology='fusion'"),
     (dict(fusion_layers=None), "fusion_layers=\\[\\]"),
     (dict(head="target", memory="prompt"), "head='source_mix' or 'source_pointer'"),
     (dict(defer_threshold=1.5), "in \\[0, 1\\]"),
@@ -327,6 +329,16 @@ def test_the_speed_benchmarks_write_what_the_readme_reads(tmp_path, monkeypatch)
     assert speed["rows"]["source_alone"]["vs_source_alone"] == 1.0
     assert "defer_end_to_end_vs_source" in speed["summary"]
     assert (tmp_path / "defer-speed-tiny-cpu-float32.md").exists() and (tmp_path / "catch-up-cost-tiny.md").exists()
+
+
+def test_defer_speed_refuses_bad_aims_with_what_it_expected(capsys):
+    import defer_speed
+
+    assert defer_speed.fraction_list("0.1,0.3") == (0.1, 0.3)
+    for bad, message in (("0.1,x", "comma-separated shares"), ("1.5", "in (0, 1)")):
+        with pytest.raises(SystemExit) as stopped:
+            defer_speed.main(["--shapes", "tiny", "--aims", bad])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_defer_worlds_refuses_a_bad_variant_list_with_what_it_expected(capsys):

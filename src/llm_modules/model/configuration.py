@@ -195,6 +195,9 @@ def check_call_price(config) -> None:
     if config.call_gate and config.head not in ("source_mix", "source_pointer"):
         raise LLMModulesError(f"call_gate learns where a mixture head's token differs from the target's own: it needs "
                               f"head='source_mix' or 'source_pointer', not head={config.head!r}")
+    if config.call_gate and config.topology != "fusion":
+        raise LLMModulesError("call_gate decides deferral, which needs topology='fusion' (the bridge reads the source "
+                              "before the target can say anything)")
 
 
 class LLMModulesConfig(PreTrainedConfig):

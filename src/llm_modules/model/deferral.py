@@ -13,7 +13,7 @@ model/heads.py: trained where the mixture's token differs from the target's own)
 2. the deciding gate gives a score s (``SourceMixture.call_score``: the weight the mixture would give the source, or
    the call gate's probability); where s < η (``defer_threshold``) the token's distribution is the target's own and
    the source does not run;
-3. where w >= η the source catches up on every token since its last call in one chunked forward through its KV
+3. where s >= η the source catches up on every token since its last call in one chunked forward through its KV
    cache (so its cache is exactly what running it at every step would have built), and its distribution is mixed
    in as the every-token mixture does. η = 0 is the every-token mixture.
 

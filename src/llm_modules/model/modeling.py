@@ -232,7 +232,7 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
         terms = [price * out.source_weight] if price and out.source_weight is not None else []
         if out.call_gate_loss is not None:
             terms.append(out.call_gate_loss)
-        return sum(terms[1:], terms[0]) if terms else None
+        return sum(terms) if terms else None
 
     def _check_length(self, positions: torch.Tensor) -> None:
         target = self.target.config

@@ -9,7 +9,8 @@ reading the weights (a GPU), and to be measured on a CPU, where a step may be bo
 times, after a ``--prompt``-token prefill, a forward of k = 1, 2, 4, 8, 16 new tokens through the cache (the cache
 cropped back after each), median of ``--repeats``, in each dtype, and writes the time per chunk and its ratio to
 one step (k single steps would be ratio k). Random N(0, 0.02) weights: the cost does not depend on their values.
-Results: ``benchmarks/results/catch-up-cost-<shapes>.{json,md}``.
+float32 is timed twice: through torch's own linear (MKL) and with every linear through oneDNN (``float32+onednn``,
+``model/onednn.py``), the kernel torch uses for bfloat16. Results: ``benchmarks/results/catch-up-cost-<shapes>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import DynamicCache
 from composed_bench.machine import git_commit, machine_description
 from composed_bench.report import write_json_and_markdown
 from composed_bench.models import random_causal_lm, source_config
+from llm_modules.model.onednn import use_onednn_linears
 
 RESULTS = Path("benchmarks/results")
 CHUNKS = (1, 2, 4, 8, 16)
@@ -60,7 +62,7 @@ def write_markdown(result: dict, path: Path) -> None:
              f"`{result['command']}`: after a {result['prompt']}-token prefill, a forward over k new tokens through "
              f"the KV cache, median of {result['repeats']}; {result['machine'].get('cpu', '')}, "
              f"{result['machine'].get('torch_threads', '')} threads, commit {result['commit']}.", "",
-             "| dtype | k | s / forward | × one step | × k single steps |", "|---|---|---|---|---|"]
+             "| dtype (+ linear kernel) | k | s / forward | × one step | × k single steps |", "|---|---|---|---|---|"]
     for dtype, seconds in result["seconds"].items():
         one = seconds["1"]
         for k, value in seconds.items():
@@ -77,9 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     seconds = {}
     for name in args.dtypes.split(","):
-        model = random_causal_lm(source_config(args.shapes), torch.float32, "cpu").to(getattr(torch, name)).eval()
-        seconds[name] = {str(k): v for k, v in chunk_seconds(model, args.prompt, args.repeats).items()}
-        del model
+        for onednn in (False, True) if name == "float32" else (False,):
+            model = random_causal_lm(source_config(args.shapes), torch.float32, "cpu").to(getattr(torch, name)).eval()
+            if onednn:
+                use_onednn_linears(model.requires_grad_(False))
+            key = name + ("+onednn" if onednn else "")
+            seconds[key] = {str(k): v for k, v in chunk_seconds(model, args.prompt, args.repeats).items()}
+            del model
     result = {"shapes": args.shapes, "prompt": args.prompt, "repeats": args.repeats, "seconds": seconds,
               "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/catch_up_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])}

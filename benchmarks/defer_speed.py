@@ -3,6 +3,7 @@
     python benchmarks/defer_speed.py                    # Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped target
     python benchmarks/defer_speed.py --dtype bfloat16   # the dtype the library loads in on a CPU that computes it
     python benchmarks/defer_speed.py --shapes tiny      # a smoke run
+    python benchmarks/defer_speed.py --linear onednn    # float32 linears of every model through oneDNN (model/onednn.py)
 
 Time per answer = the prompt's prefill plus ``--new-tokens`` decoded greedily (no early stop), batch 1, median of
 ``--repeats`` rounds; each round times every configuration once, and a ratio to the source alone is taken within a
@@ -38,6 +39,7 @@ from composed_bench.machine import git_commit, machine_description
 from composed_bench.models import random_causal_lm, source_config, tiny_shapes
 from composed_bench.report import write_json_and_markdown
 from llm_modules.model.modeling import LLMModulesForCausalLM
+from llm_modules.model.onednn import use_onednn_linears
 from llm_modules.tiny import build_tokenizer
 
 RESULTS = Path("benchmarks/results")
@@ -144,7 +146,7 @@ def held_out_fraction() -> float | None:
 
 
 def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32,
-        prompt_count: int = 1, aims: tuple[float, ...] = CALL_FRACTIONS) -> dict:
+        prompt_count: int = 1, aims: tuple[float, ...] = CALL_FRACTIONS, linear: str = "torch") -> dict:
     torch.manual_seed(0)
     source = random_causal_lm(source_config(shapes), dtype, "cpu")
     vocab = int(source.config.vocab_size)
@@ -162,6 +164,9 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
                                             **DEFERRING, **common).eval()
     with torch.no_grad():  # a random call gate whose score spreads over (0, 1), so that η can split the positions
         mixture.head.mixture.call_gate.weight.normal_(0, 4 / mixture.target.config.hidden_size ** 0.5)
+    if linear == "onednn":  # every configuration alike: the parents are shared, the composed parts swapped too
+        swapped = sum(use_onednn_linears(m.requires_grad_(False)) for m in (source, target, fusion, mixture))
+        log(f"{swapped} float32 linear layers through oneDNN")
 
     def at(threshold: float | None) -> Callable[[], None]:
         return lambda: setattr(mixture.config, "defer_threshold", threshold)
@@ -198,7 +203,9 @@ def headline(rows: dict) -> dict:
 
 
 def write_markdown(result: dict, path: Path) -> None:
-    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')})", "",
+    linear = "" if result.get("linear", "torch") == "torch" else f", linears through {result['linear']}"
+    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')}{linear})",
+             "",
              f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
              f"mean over {result.get('prompts', 1)} random prompt(s), "
              f"median of {result['repeats']} interleaved rounds; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
@@ -245,16 +252,20 @@ def main(argv: list[str] | None = None) -> int:
                         "jumps as the tokens deferral chose change what the gate reads)")
     parser.add_argument("--aims", type=fraction_list, default=CALL_FRACTIONS,
                         help="shares of positions to set η for, comma-separated (the held-out worlds' is added)")
+    parser.add_argument("--linear", choices=("torch", "onednn"), default="torch",
+                        help="onednn: every frozen float32 linear layer through oneDNN (model/onednn.py); "
+                        "bfloat16 already is")
     args = parser.parse_args(argv)
     rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype), args.prompts,
-               args.aims)
-    result = {"shapes": args.shapes, "dtype": args.dtype, "prompt": args.prompt, "new_tokens": args.new_tokens,
+               args.aims, args.linear)
+    result = {"shapes": args.shapes, "dtype": args.dtype, "linear": args.linear, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "prompts": args.prompts,
               "threads": torch.get_num_threads(), "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     result["summary"] = headline(rows)
     variant = "" if (args.prompts, args.aims) == (1, CALL_FRACTIONS) else f"-prompts{args.prompts}"
+    variant += "" if args.linear == "torch" else f"-{args.linear}"
     write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}{variant}.json", write_markdown)
     return 0
 

@@ -35,3 +35,18 @@ def test_bench_runs_the_checkouts_benchmarks_or_says_where_they_are(tmp_path, mo
     assert main(["bench", "--shapes", "tiny"]) == 2
     error = capsys.readouterr().err
     assert "source checkout" in error and "python benchmarks/bench.py" in error and "Traceback" not in error
+
+
+def test_generate_through_onednn_prints_the_same_text(model_folder, tmp_path, capsys):
+    model = LLMModulesForCausalLM.compose(model_folder("qwen2", hidden=48), model_folder("gpt_neo"), heads=4, adapter_dim=16)
+    model.save_pretrained(tmp_path)
+    command = ["generate", str(tmp_path), "--prompt", "The quick", "--raw", "--max-new-tokens", "5"]
+    assert main(command) == 0
+    plain = capsys.readouterr().out
+    assert main([*command, "--cpu-linear", "onednn"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*command, "--cpu-linear", "onednn", "--device", "cuda:0"]) == 2
+    assert "is for --device cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*command, "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 
 from .errors import LLMModulesError
 from .model.generate import render_prompt, stream_generate
+from .model.onednn import CPU_LINEAR_HELP, CPU_LINEARS, check_cpu_linear, for_decoding
 
 
 def generate_main(argv: list[str]) -> int:
@@ -24,11 +25,16 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cpu-linear", choices=CPU_LINEARS, default="torch", help=CPU_LINEAR_HELP)
     args = parser.parse_args(argv)
+    check_cpu_linear(args.cpu_linear, args.device)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LLMModulesError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
 
     from .model.modeling import LLMModulesForCausalLM
 
     model = LLMModulesForCausalLM.from_pretrained(args.model).to(args.device)
+    for_decoding(model, args.cpu_linear, args.device)
     prompt = render_prompt(model.tokenizer, args.prompt, args.system, args.raw)
     for piece in stream_generate(
         model, model.tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed

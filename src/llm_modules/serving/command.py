@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ..errors import LLMModulesError
+from ..model.onednn import CPU_LINEAR_HELP, CPU_LINEARS
 from .batching import BatchLimits
 from .server import ServerLimits
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--defer-threshold", type=float, default=None, metavar="ETA",
                         help="deferral decoding: the source runs only where the gate's source weight >= ETA "
                              "(default: the saved model's own, if any; model/deferral.py)")
+    parser.add_argument("--cpu-linear", choices=CPU_LINEARS, default="torch", help=CPU_LINEAR_HELP)
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="largest max_tokens a request may ask")
     limits.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens)
@@ -68,7 +70,7 @@ def serve_main(argv: list[str]) -> int:
                           max_queue=args.max_queue),
     )
     models = load_served_models(args.run, compare, args.device, args.model_name, args.max_model_len,
-                                args.defer_threshold)
+                                args.defer_threshold, args.cpu_linear)
     if not _is_loopback(args.host):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model "
               "(there is no authentication; put a proxy in front to add one)", file=sys.stderr)

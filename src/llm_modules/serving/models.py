@@ -67,11 +67,16 @@ class ServedModel:
 # ----------------------------------------------------------------------------------------------- loading
 def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str = "cpu",
                        name: str | None = None, max_model_len: int | None = None,
-                       defer_threshold: float | None = None) -> list[ServedModel]:
+                       defer_threshold: float | None = None, cpu_linear: str = "torch") -> list[ServedModel]:
     """The composed model saved in ``run`` and, for each role in ``compare`` ("source", "target"), that model
     alone. Errors a user can fix (no such folder, a target that exists only as a config) are ``LLMModulesError``.
-    ``defer_threshold``: serve the composed model with deferral decoding at this η (its saved η otherwise)."""
+    ``defer_threshold``: serve the composed model with deferral decoding at this η (its saved η otherwise).
+    ``cpu_linear="onednn"``: every float32 linear layer of every served model through oneDNN (``model/onednn.py``:
+    the same numbers, faster on a CPU, most of all for a deferral's catch-up over several tokens)."""
     from ..model.modeling import LLMModulesForCausalLM
+    from ..model.onednn import check_cpu_linear, for_decoding
+
+    check_cpu_linear(cpu_linear, device)  # before anything loads
 
     unknown = sorted(set(compare) - {"source", "target"})
     if unknown:
@@ -91,6 +96,8 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
     if "target" in compare:
         served.append(_target_alone(composed, tokenizer, device, max_model_len))
     _unique_ids(served)
+    for model in served:  # served models only decode
+        for_decoding(model.model, cpu_linear, device)
     return served
 
 

@@ -97,6 +97,7 @@ def test_the_server_swaps_on_request_and_decodes_the_same(model_folder, tokenize
     (fast,) = load_served_models(tmp_path / "defers", cpu_linear="onednn")
     assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
     assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
+    assert "float32 linear layers through oneDNN" in fast.note and plain.note is None
     expected = plain.model.generate(**batch, max_new_tokens=6, do_sample=False)
     assert torch.equal(fast.model.generate(**batch, max_new_tokens=6, do_sample=False), expected)
     with pytest.raises(LLMModulesError, match="--device cpu"):

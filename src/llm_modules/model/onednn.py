@@ -14,7 +14,8 @@ in full float32.
 the same weight in oneDNN's tensor format. It is for decoding: a swapped layer has no trainable weight, and where a
 gradient must flow through it to its input (a frozen layer inside a trained model) it falls back to ``F.linear``
 on a dense copy, slower and exact. The swapped weights are not strided tensors, so they stay out of the model's
-``state_dict``: a composed model saves only what trained (``serialization.py``), never the frozen parents.
+``state_dict``: a composed model saves only what trained (``serialization.py``), never the frozen parents. A head
+tied to the input embeddings gets its own oneDNN copy (the embedding stays): its memory is held twice.
 """
 
 from __future__ import annotations

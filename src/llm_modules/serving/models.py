@@ -97,7 +97,11 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
         served.append(_target_alone(composed, tokenizer, device, max_model_len))
     _unique_ids(served)
     for model in served:  # served models only decode
-        for_decoding(model.model, cpu_linear, device)
+        swapped = for_decoding(model.model, cpu_linear, device)
+        if cpu_linear == "onednn":  # said at start-up and in /v1/models: a bfloat16 model has nothing to swap
+            said = (f"{swapped} float32 linear layers through oneDNN" if swapped else
+                    f"--cpu-linear onednn swapped nothing (no frozen float32 linear layers: the model is {model.model.dtype})")
+            model.note = "; ".join(filter(None, [model.note, said]))
     return served
 
 

@@ -23,7 +23,8 @@
    generation (the 1.5B with ``assistant_model`` = the 0.5B: the 1.5B's greedy output, up to bf16 rounding) and
    deferral at two η fixed before any test answer (0.5, chosen on the development composition world, and 0.3:
    more calls).
-   Columns: exact match (the answer after "The answer is" or the last rule of ``llm-modules eval``'s extraction),
+   Columns: exact match (the answer after "The answer is" or the last rule of ``llm-modules eval``'s extraction;
+   beside it the lenient "flexible" match, the reply's last number, after lm-eval's GSM8K filter: ``--rescore``),
    tokens/s end to end (new tokens / wall time, prefill included, batch 1), source forwards per answer and the
    fraction of decoded positions where the source ran. On 2 CPU cores 30 questions x 4 rows at batch 1 take longer
    than a session (the 1.5B: ~100 s an answer; deferral: ~80 s), so ``--batched-rows`` decode the questions past
@@ -46,7 +47,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_modules.evaluation.evaluate import answers_match, extract_answer
+from llm_modules.evaluation.evaluate import answers_match, extract_answer, last_number
 from llm_modules.model.loading import cpu_has_native_bf16
 from llm_modules.model.modeling import LLMModulesForCausalLM
 
@@ -245,6 +246,21 @@ def answer_batch(generate, tokenizer, questions: list[str]) -> list[dict]:
     return records
 
 
+def score(record: dict, number: str) -> dict:
+    """Strict exact match (``correct``: the stated answer) and the lenient reading (``flexible_correct``: the last
+    number of the reply, for replies the 256-token limit cut off after their result)."""
+    record["correct"] = answers_match(extract_answer(record["text"]), number)
+    record["flexible_correct"] = answers_match(last_number(record["text"]), number)
+    return record
+
+
+def rescore(results: dict, questions: list[dict]) -> None:
+    """Score every stored answer again from its text (no model runs)."""
+    for answers in results["rows"].values():
+        for index, record in answers.items():
+            score(record, gold_solution(questions[int(index)]["answer"])[1])
+
+
 def summarise(rows: dict) -> dict:
     """Per row: exact match over every answer; time over the answers decoded one at a time (batch 1)."""
     table = {}
@@ -253,7 +269,8 @@ def summarise(rows: dict) -> dict:
             continue
         values = list(answers.values())
         timed = [a for a in values if "batch" not in a]
-        entry = {"n": len(values), "exact_match": statistics.fmean(a["correct"] for a in values), "n_timed": len(timed),
+        entry = {"n": len(values), "exact_match": statistics.fmean(a["correct"] for a in values),
+                 "flexible_match": statistics.fmean(a.get("flexible_correct", False) for a in values), "n_timed": len(timed),
                  "tokens_per_second": sum(a["new_tokens"] for a in timed) / sum(a["seconds"] for a in timed),
                  "seconds_per_answer": statistics.fmean(a["seconds"] for a in timed)}
         if "source_calls" in timed[0]:  # a batch's calls are shared and count positions past a row's end
@@ -282,11 +299,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--output", default=str(RESULTS))
     parser.add_argument("--gsm8k", default=str(GSM8K), help="folder with GSM8K's train.jsonl and test.jsonl")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the stored answers again from their texts (strict and flexible) and stop")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    if args.rescore:
+        count = max((int(i) + 1 for answers in results["rows"].values() for i in answers), default=0)
+        rescore(results, read_rows(Path(args.gsm8k) / "test.jsonl", count))
+        results["summary"] = summarise(results["rows"])
+        path.write_text(json.dumps(results, indent=2))
+        log(json.dumps({k: {m: v[m] for m in ("n", "exact_match", "flexible_match")} for k, v in results["summary"].items()}))
+        return 0
     model = compose(MODELS / "qwen2.5-coder-1.5b-instruct", MODELS / "qwen2.5-coder-0.5b-instruct", dtype)
     tokenizer = model.tokenizer
     gate_file = path.with_suffix(".gate.safetensors")  # the trained gate, so that a restarted run decodes with it
@@ -331,9 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 generate, _ = generators[name]
                 record = answer(generate, tokenizer, row["question"])
-            _, number = gold_solution(row["answer"])
-            record["correct"] = answers_match(extract_answer(record["text"]), number)
-            answers[str(index)] = record
+            answers[str(index)] = score(record, gold_solution(row["answer"])[1])
             write()
             log(f"{name} #{index}: {'right' if record['correct'] else 'wrong'}, {record['new_tokens']} tokens in "
                 f"{record['seconds']:.1f}s" + (f", source ran at {record['source_position_fraction']:.0%}"
@@ -349,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             generate = model.generate if name.startswith("deferral_") else generators[name][0]
             records = answer_batch(generate, tokenizer, [questions[i]["question"] for i in chosen])
             for index, record in zip(chosen, records):
-                _, number = gold_solution(questions[index]["answer"])
-                record["correct"] = answers_match(extract_answer(record["text"]), number)
-                answers[str(index)] = record
+                answers[str(index)] = score(record, gold_solution(questions[index]["answer"])[1])
             write()
             log(f"{name} #{chosen[0]}-{chosen[-1]} (batch): {sum(r['correct'] for r in records)} right")
     return 0

@@ -407,3 +407,25 @@ def test_a_call_gate_learns_where_the_mixture_changes_the_target_token(model_fol
         optimizer.step()
     scores = weights_seen(model.eval(), batch)[batch.attention_mask.bool()]
     assert scores[changes].min() > scores[~changes].max(), (scores[changes], scores[~changes])
+
+
+def test_defer_gsm8k_rescores_stored_answers_strictly_and_leniently_without_a_model(tmp_path):
+    """--rescore reads the stored texts again: strict exact match needs the stated answer; the flexible reading takes
+    the last number of a reply the token limit cut off."""
+    import json
+
+    import defer_gsm8k as bench
+
+    (tmp_path / "gsm8k").mkdir()
+    questions = [{"question": "2 + 2?", "answer": "2 + 2 = 4\n#### 4"}, {"question": "3 * 3?", "answer": "#### 9"}]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    stored = {"0": {"text": "2 + 2 = 4\nThe answer is 4.", "new_tokens": 9, "seconds": 1.0},
+              "1": {"text": "3 times 3 is 9, so the answer", "new_tokens": 256, "seconds": 2.0}}
+    output = tmp_path / "defer-gsm8k.json"
+    output.write_text(json.dumps({"rows": {"target_alone": stored}}))
+    assert bench.main(["--rescore", "--output", str(output), "--gsm8k", str(tmp_path / "gsm8k")]) == 0
+    result = json.loads(output.read_text())
+    assert [r["correct"] for r in result["rows"]["target_alone"].values()] == [True, False]
+    assert [r["flexible_correct"] for r in result["rows"]["target_alone"].values()] == [True, True]
+    assert result["summary"]["target_alone"]["exact_match"] == 0.5
+    assert result["summary"]["target_alone"]["flexible_match"] == 1.0

@@ -12,7 +12,14 @@ import llm_modules.evaluation.evaluate as evaluate_module
 from llm_modules import LLMModulesForCausalLM
 from llm_modules.cli import main
 from llm_modules.training.data import DataOptions, build_examples
-from llm_modules.evaluation.evaluate import EvalOptions, answers_match, evaluate, extract_answer, normalize_answer
+from llm_modules.evaluation.evaluate import (
+    EvalOptions,
+    answers_match,
+    evaluate,
+    extract_answer,
+    last_number,
+    normalize_answer,
+)
 
 STRATOS = (
     "<|begin_of_thought|>\nMaybe it is \\boxed{3}? No, let me redo it.\n<|end_of_thought|>\n\n"
@@ -40,6 +47,18 @@ STRATOS = (
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("9 \\times 2 = 18\n\nSo, the amount she makes is \\", "18"),  # cut off after the result, before the answer
+    ("She earned $1,200.", "$1,200"),  # a sentence's comma or full stop is not part of the number
+    ("the speed is -3.5 km/h, then", "-3.5"),
+    ("8 pairs, 64,", "64"),
+    ("no numbers here", None),
+])
+def test_last_number_reads_a_cut_off_reply_leniently(text, expected):
+    assert last_number(text) == expected
+    assert expected is None or answers_match(last_number(text), expected.replace("$", "").replace(",", ""))
 
 
 @pytest.mark.parametrize("predicted, reference, same", [

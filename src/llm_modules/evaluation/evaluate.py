@@ -89,6 +89,18 @@ def extract_answer(text: str) -> str | None:
     return _answer_line(text)
 
 
+# A number: optional sign and $, digits with thousands separators, optional decimals ("-3", "$1,200", "7.50").
+NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number anywhere in ``text``, or None: a lenient reading, after lm-eval's GSM8K "flexible-extract"
+    filter, for replies cut off by a token limit after their result but before their answer line. Report it beside
+    :func:`extract_answer`'s strict reading, never instead of it: an unfinished reply may end on another number."""
+    found = NUMBER.findall(text)
+    return found[-1].rstrip(",") if found else None
+
+
 def normalize_answer(answer: str) -> str:
     """Lower case, no ``$``/``\\text{}``/``**``, single spaces, no trailing dot; numbers without thousands separators."""
     text = answer.strip().lower()

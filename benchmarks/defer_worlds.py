@@ -258,6 +258,26 @@ def choose_deferral(development: list[dict]) -> tuple[str, float]:
     return variant, threshold
 
 
+# A third rule, written down after the headline rule's choice (the call gate at η = 0.2) had lost 3.0 points on
+# worlds 9-13 and 7.1 on worlds 6-8, where η = 0.05 had lost 0.1 and 3.4: on 19 validation facts per world η = 0.05,
+# 0.1 and 0.2 answer alike, and the headline rule's tie-break (the fewest calls) took the cheapest. This rule spends
+# the call budget instead: the most accurate (variant, η) on the development worlds' validation facts whose
+# validation source share is at most SAFE_BUDGET (the issue's 25% less a 5-point margin), ties going to the most
+# calls. It was committed before worlds 14 and up had been read: those are its held-out worlds.
+SAFE_BUDGET = 0.20
+SAFE_RULE_HELD_OUT_FROM = 14
+
+
+def choose_safest_within_budget(development: list[dict]) -> tuple[str, float] | None:
+    """The most accurate (variant, η) whose validation source share is at most SAFE_BUDGET, then the most calls;
+    None if none is."""
+    within = [c for c in candidates(development) if c[1] <= SAFE_BUDGET]
+    if not within:
+        return None
+    _, _, variant, threshold = max(within, key=lambda c: (c[0], c[1]))
+    return variant, threshold
+
+
 def choose_within_budget(development: list[dict]) -> tuple[str, float] | None:
     """The other side of the trade, reported beside the headline: the most accurate (variant, η) whose validation
     source share is at most BUDGET (then the fewer calls), on the same validation facts; None if none is."""
@@ -297,15 +317,16 @@ def held_out_report(held_out: list[dict], variant: str, threshold: float) -> dic
 def variants_to_train(development: list[dict]) -> tuple[str, ...]:
     """What a held-out world trains: the unpriced target-only gate, the headline's variant and the budget rule's."""
     chosen = {"0", choose_deferral(development)[0]}
-    budget = choose_within_budget(development)
-    if budget is not None:
-        chosen.add(budget[0])
+    for budget in (choose_within_budget(development), choose_safest_within_budget(development)):
+        if budget is not None:
+            chosen.add(budget[0])
     return tuple(sorted(chosen, key=lambda v: (v == CALL_GATE, _order(v))))
 
 
 def summary(results: dict) -> dict:
     """The keys the issue asks for, on the held-out worlds at the (variant, η) chosen on the development worlds (and
-    the budget rule's choice beside them, under ``within_budget``). Held out: every world neither development nor
+    the budget rules' choices beside them, under ``within_budget`` and ``safest_within_budget``: the latter's
+    held-out worlds are those from SAFE_RULE_HELD_OUT_FROM on, the others reported as read before it). Held out: every world neither development nor
     retired that has the chosen variant; for the call gate, not ``READ_BEFORE_CALL_GATE`` (worlds 6-8 had been read
     before it was built; their call-gate rows are reported under ``on_worlds_read_before``)."""
     worlds = {int(k): v for k, v in results["worlds"].items()}
@@ -341,6 +362,20 @@ def summary(results: dict) -> dict:
         if budget_worlds:
             out["within_budget"].update(worlds=[w["world_seed"] for w in budget_worlds],
                                         **held_out_report(budget_worlds, *budget))
+    safest = choose_safest_within_budget(development)
+    if safest is not None:
+        out["safest_within_budget"] = {"budget": SAFE_BUDGET, "variant": safest[0], "threshold": safest[1],
+                                       "held_out_from_world": SAFE_RULE_HELD_OUT_FROM}
+        candidates_worlds = held_out_for(safest[0]) + held_out_for(safest[0], read_before=True)
+        fresh = sorted((w for w in candidates_worlds if w["world_seed"] >= SAFE_RULE_HELD_OUT_FROM),
+                       key=lambda w: w["world_seed"])
+        read = sorted((w for w in candidates_worlds if w["world_seed"] < SAFE_RULE_HELD_OUT_FROM),
+                      key=lambda w: w["world_seed"])
+        if fresh:
+            out["safest_within_budget"].update(worlds=[w["world_seed"] for w in fresh], **held_out_report(fresh, *safest))
+        if read:
+            out["safest_within_budget"]["on_worlds_read_before"] = {"worlds": [w["world_seed"] for w in read],
+                                                                    **held_out_report(read, *safest)}
     return out
 
 

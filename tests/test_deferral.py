@@ -193,6 +193,17 @@ def test_the_price_and_threshold_are_chosen_on_the_development_world_only():
     assert (summary["chosen_variant"], summary["held_out_worlds"]) == (bench.CALL_GATE, [9, 12])
     assert summary["held_out_accuracy"]["all"]["deferral"] == pytest.approx(0.8)
     assert summary["on_worlds_read_before"]["worlds"] == [6]
+    # the safest rule within the budget: validation cannot tell η = 0.05 from 0.2, so it spends calls (up to 20%);
+    # its held-out worlds are those it was written down before (14 and up)
+    close_call = world(0, {bench.CALL_GATE: {0.05: (0.9, 0.19, 0), 0.2: (0.9, 0.15, 0), 0.01: (0.95, 0.3, 0)}})
+    assert bench.choose_deferral([close_call]) == (bench.CALL_GATE, 0.2)
+    assert bench.choose_safest_within_budget([close_call]) == (bench.CALL_GATE, 0.05)
+    summary = bench.summary({"worlds": {**{str(w): close_call for w in bench.DEVELOPMENT_WORLDS},
+                                        "9": world(9, {bench.CALL_GATE: {0.05: (0, 0.2, 0.5), 0.2: (0, 0.1, 0.5)}}),
+                                        "14": world(14, {bench.CALL_GATE: {0.05: (0, 0.2, 0.9), 0.2: (0, 0.1, 0.5)}})}})
+    safest = summary["safest_within_budget"]
+    assert (safest["threshold"], safest["worlds"], safest["on_worlds_read_before"]["worlds"]) == (0.05, [14], [9])
+    assert safest["held_out_accuracy"]["all"]["deferral"] == pytest.approx(0.9)
 
 
 def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tokenizer, tmp_path):

@@ -371,11 +371,11 @@ def test_a_call_gate_starts_every_other_weight_as_without_it_and_trains_nothing_
     batch = inputs(tokenizer)
     labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
     models, grads, losses = {}, {}, {}
+    parents = model_folder("qwen2", hidden=48), model_folder("llama", seed=1)  # built (drawing numbers) before seeding
     for with_gate in (False, True):
         torch.manual_seed(0)
-        model = LLMModulesForCausalLM.compose(model_folder("qwen2", hidden=48), model_folder("llama", seed=1),
-                                              tokenizer=tokenizer, **{**DEFER, "mixture_gate": "confidence",
-                                                                      "call_gate": with_gate}).train()
+        model = LLMModulesForCausalLM.compose(*parents, tokenizer=tokenizer, **{**DEFER, "mixture_gate": "confidence",
+                                                                                "call_gate": with_gate}).train()
         output = model(**batch, labels=labels)
         output.loss.backward()
         models[with_gate], losses[with_gate] = model, output
@@ -396,6 +396,30 @@ def test_a_call_gate_starts_every_other_weight_as_without_it_and_trains_nothing_
         float(torch.log(torch.tensor(2.0))), rel=1e-5)
     assert float((losses[True].loss - losses[False].loss).detach()) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)
 
+
+
+def test_a_call_gate_leaves_the_fact_world_loops_training_of_every_other_weight_exact(model_folder, tokenizer):
+    """Through the fact-world loop (``factworld/lm.train_loop``, the groups of ``training/optim.parameter_groups``),
+    steps whose gradients are all clipped train every other weight exactly as without a call gate: its gradient is
+    clipped on its own and nothing else reads it."""
+    from llm_modules.evaluation.factworld.lm import train_loop
+    from llm_modules.training.optim import parameter_groups
+
+    batch = inputs(tokenizer)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    trained = {}
+    parents = model_folder("qwen2", hidden=48), model_folder("llama", seed=1)  # built (drawing numbers) before seeding
+    for with_gate in (False, True):
+        torch.manual_seed(0)
+        model = LLMModulesForCausalLM.compose(*parents, tokenizer=tokenizer, **{**DEFER, "mixture_gate": "confidence",
+                                                                                "call_gate": with_gate}).train()
+        groups = parameter_groups(model, {"connector": 1e-2, "target": 1e-2, "mixture": 1e-1})
+        assert [g["group"] for g in groups][-1:] == (["call_gate"] if with_gate else ["mixture"])
+        # the loss scaled up: every step's gradient norm is far above the loop's clip at 1
+        train_loop(groups, lambda _: 1000 * model(**batch, labels=labels).loss, [0, 1], steps=3, batch_size=2,
+                   warmup=1, progress=False)
+        trained[with_gate] = {n: p.detach().clone() for n, p in model.named_parameters() if "call_gate" not in n}
+    assert all(torch.equal(trained[True][name], weight) for name, weight in trained[False].items())
 
 def test_a_call_gate_learns_where_the_mixture_changes_the_target_token(model_folder, tokenizer):
     """Trained through the model (its loss alone moves it), the call gate's score ranks the positions where the

@@ -150,21 +150,36 @@ def test_a_call_gate_trains_through_train_and_the_saved_model_defers_on_it(confi
     """``call_gate: true`` beside the demo's mixture gate (which reads the source too) through ``llm-modules train``:
     the first step's loss carries the call gate's log 2 at its zero start, its weights move and are saved, and the
     saved model defers in ``generate()`` on it with no extra argument."""
-    first = {}
-    for with_gate in (False, True):
+    first, trained = {}, {}
+    for with_gate in (False, True):  # a small max_grad_norm: every step is clipped
         run = config(topology="fusion", target=model_folder("llama", seed=1), memory="sequence", head="source_mix",
                      mixture_gate="confidence", fusion_layers=[], lr_mixture=3e-2, max_steps=2, scheduler="constant",
-                     call_gate=with_gate, defer_threshold=0.5 if with_gate else None,
-                     output=str(tmp_path / f"call-gate-{with_gate}"))
+                     call_gate=with_gate, defer_threshold=0.5 if with_gate else None, max_grad_norm=0.01,
+                     attention_dropout=0.0, output=str(tmp_path / f"call-gate-{with_gate}"))
         result = train(run)
         first[with_gate] = losses(result)[1]
+        trained[with_gate] = result.model.trainable_state_dict()
     assert first[True] - first[False] == pytest.approx(0.6931, abs=1e-3)
+    # its gradient is clipped on its own: every other weight trains exactly as without it
+    assert set(trained[True]) - set(trained[False]) == {"head.mixture.call_gate.weight", "head.mixture.call_gate.bias"}
+    assert all(torch.equal(trained[False][name], trained[True][name]) for name in trained[False])
     saved = LLMModulesForCausalLM.from_pretrained(result.output)
     assert saved.config.call_gate and saved.config.defer_threshold == 0.5
     assert saved.head.mixture.call_gate.weight.abs().sum() > 0  # trained, and saved
     ids = torch.tensor([[5, 6, 7, 8]])
     saved.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     assert saved.last_deferral is not None and saved.last_deferral.report()[0]["positions"] == 4
+
+
+def test_a_call_gate_gradient_is_clipped_alone_and_the_models_norm_is_its_own():
+    from llm_modules.training.optim import clip_gradients
+
+    weight, gate = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    weight.grad, gate.grad = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([100.0, 0.0])
+    norm = clip_gradients([{"params": [weight], "group": "target"}, {"params": [gate], "group": "call_gate"}], 1.0)
+    assert float(norm) == pytest.approx(5.0)  # the model's own gradient norm, without the gate's
+    torch.testing.assert_close(weight.grad, torch.tensor([0.6, 0.0, 0.8]))  # scaled by its own norm only
+    torch.testing.assert_close(gate.grad, torch.tensor([1.0, 0.0]))
 
 
 def test_gradient_accumulation_matches_one_big_batch(config, tmp_path):

@@ -174,14 +174,17 @@ class LLMModulesForCausalLM(PreTrainedModel, ComposedGenerationMixin):
     def trainable_parameter_groups(self, mixture: bool = False) -> dict[str, list[nn.Parameter]]:
         """Named optimizer groups: ``connector`` (the new cross-attention modules) and ``target`` (the target's
         weights that train; for the bridge also its new head and mixture gate, as the paper's graph trains them).
-        ``mixture=True``: a fusion model's mixture gate is a third group, ``mixture``, with its own learning rate."""
-        groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": [], **({"mixture": []} if mixture else {})}
+        ``mixture=True``: a fusion model's mixture gate is a third group, ``mixture``, with its own learning rate, and
+        its call gate (``call_gate``) a fourth, ``call_gate``: it learns beside the model and nothing else reads it,
+        so it is clipped on its own (``training/optim.py``)."""
+        groups: dict[str, list[nn.Parameter]] = {"connector": [], "target": [],
+                                                 **({"mixture": [], "call_gate": []} if mixture else {})}
         own_group = self.topology.mixture_prefix if mixture else None
         for name, parameter in self.named_parameters():
             if parameter.requires_grad:
                 group = "connector" if name.startswith(self.topology.new_module_prefixes) else "target"
                 if own_group and name.startswith(own_group):
-                    group = "mixture"
+                    group = "call_gate" if name.startswith(own_group + "call_gate.") else "mixture"
                 groups[group].append(parameter)
         return groups
 

@@ -30,7 +30,7 @@ from .alignment import CompositionCollator, add_source_alignment
 from .cache import CachedStatesDataset, CacheFields, SourceStateCache, is_cache_file, tokenizer_fingerprint, weights_fingerprint
 from .checkpoints import SealedCheckpoints, resume_checkpoint
 from .nonfinite import NonFiniteLossGuard
-from .optim import parameter_groups
+from .optim import CLIPPED_ALONE, clip_gradients, parameter_groups
 from .result import TrainResult, trainer_summary
 from .data import DataOptions, PaddingCollator, PreparedData, prepare_data
 from ..errors import LLMModulesError
@@ -218,6 +218,15 @@ class ComposedTrainer(NonFiniteLossGuard, SealedCheckpoints, Trainer):
         self.nonfinite_policy = nonfinite_policy
         self._loss_shifts_labels = True  # count num_items_in_batch over labels[:, 1:], as token_mean_loss does
         self.model_accepts_loss_kwargs = False  # forward(**kwargs) ignores num_items_in_batch
+
+    def _clip_grad_norm(self, model):
+        """A call gate's gradient clipped on its own (``training/optim.py``); otherwise ``Trainer``'s own clipping.
+        (An override of a private ``Trainer`` method, transformers pinned in pyproject.toml: it has no public hook
+        between backward and the optimizer step that may change how gradients are clipped.)"""
+        groups = self.optimizer.param_groups
+        if self._has_mixed_mesh_grads(model) or not any(g.get("group") in CLIPPED_ALONE for g in groups):
+            return super()._clip_grad_norm(model)
+        return clip_gradients(groups, self.args.max_grad_norm, self.accelerator.clip_grad_norm_)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:

@@ -27,6 +27,7 @@ from ...model.loss import IGNORE_INDEX, causal_lm_loss
 from ...model.masks import positions_from_padding
 from ...model.processing import shared_source_inputs
 from ...tiny import build_tokenizer
+from ...training.optim import clip_gradients
 from ...training.padding import pad_rows
 from ...training.result import TrainResult
 from .world import TRACE_MARKERS, Fact, FactWorld
@@ -218,7 +219,6 @@ def train_loop(
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
     )
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     order: list[int] = []
     losses: list[float] = []
     history: list[tuple[int, float]] = []
@@ -232,7 +232,7 @@ def train_loop(
         loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_gradients(optimizer.param_groups, 1.0)  # a call gate's group alone (training/optim.py)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))

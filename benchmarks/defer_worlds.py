@@ -266,6 +266,10 @@ def choose_deferral(development: list[dict]) -> tuple[str, float]:
 # calls. It was committed before worlds 14 and up had been read: those are its held-out worlds.
 SAFE_BUDGET = 0.20
 SAFE_RULE_HELD_OUT_FROM = 14
+# Whose choice the summary's top-level keys report, per kind of world: on the composition world the safest rule's,
+# once a world it was written down before is in the results (its first rule's are then under fewest_calls_rule);
+# on the fact world, where the first rule met the bar on its held-out worlds, the first rule's.
+HEADLINE_RULE = {"composition": "safest_within_budget", "facts": "fewest_calls"}
 
 
 def choose_safest_within_budget(development: list[dict]) -> tuple[str, float] | None:
@@ -324,10 +328,11 @@ def variants_to_train(development: list[dict]) -> tuple[str, ...]:
 
 
 def summary(results: dict) -> dict:
-    """The keys the issue asks for, on the held-out worlds at the (variant, η) chosen on the development worlds (and
-    the budget rules' choices beside them, under ``within_budget`` and ``safest_within_budget``: the latter's
-    held-out worlds are those from SAFE_RULE_HELD_OUT_FROM on, the others reported as read before it). Held out: every world neither development nor
-    retired that has the chosen variant; for the call gate, not ``READ_BEFORE_CALL_GATE`` (worlds 6-8 had been read
+    """The keys the issue asks for, on the held-out worlds at the (variant, η) chosen on the development worlds by the
+    first rule (``choose_deferral``), the budget rules' choices beside them (``within_budget``,
+    ``safest_within_budget``: the latter's held-out worlds are those from SAFE_RULE_HELD_OUT_FROM on, the others
+    reported as read before it); ``HEADLINE_RULE`` says which rule's keys are at the top. Held out: every world
+    neither development nor retired that has the chosen variant; for the call gate, not ``READ_BEFORE_CALL_GATE`` (worlds 6-8 had been read
     before it was built; their call-gate rows are reported under ``on_worlds_read_before``)."""
     worlds = {int(k): v for k, v in results["worlds"].items()}
     if any(w not in worlds for w in DEVELOPMENT_WORLDS):
@@ -362,11 +367,12 @@ def summary(results: dict) -> dict:
         if budget_worlds:
             out["within_budget"].update(worlds=[w["world_seed"] for w in budget_worlds],
                                         **held_out_report(budget_worlds, *budget))
-    safest = choose_safest_within_budget(development)
-    if safest is not None:
+    safest = choose_safest_within_budget(development) if results.get("kind", "composition") == "composition" else None
+    if safest is not None:  # written for the composition world (the fact world's first rule had met the bar)
         out["safest_within_budget"] = {"budget": SAFE_BUDGET, "variant": safest[0], "threshold": safest[1],
                                        "held_out_from_world": SAFE_RULE_HELD_OUT_FROM}
-        candidates_worlds = held_out_for(safest[0]) + held_out_for(safest[0], read_before=True)
+        candidates_worlds = list({w["world_seed"]: w for w in held_out_for(safest[0]) +
+                                  held_out_for(safest[0], read_before=True)}.values())
         fresh = sorted((w for w in candidates_worlds if w["world_seed"] >= SAFE_RULE_HELD_OUT_FROM),
                        key=lambda w: w["world_seed"])
         read = sorted((w for w in candidates_worlds if w["world_seed"] < SAFE_RULE_HELD_OUT_FROM),
@@ -376,7 +382,21 @@ def summary(results: dict) -> dict:
         if read:
             out["safest_within_budget"]["on_worlds_read_before"] = {"worlds": [w["world_seed"] for w in read],
                                                                     **held_out_report(read, *safest)}
+    if HEADLINE_RULE[results.get("kind", "composition")] == "safest_within_budget" and \
+            out.get("safest_within_budget", {}).get("worlds"):
+        return headline_from_safest_rule(out)
     return out
+
+
+def headline_from_safest_rule(out: dict) -> dict:
+    """The summary with the safest rule's choice and fresh worlds at the top (the keys the issue asks for), the
+    first rule's under ``fewest_calls_rule``."""
+    safest = out.pop("safest_within_budget")
+    first = {k: out.pop(k) for k in list(out) if k != "within_budget"}
+    return {"headline_rule": "safest_within_budget", "budget": safest.pop("budget"),
+            "chosen_variant": safest.pop("variant"), "chosen_threshold": safest.pop("threshold"),
+            "chosen_on": first["chosen_on"], "held_out_worlds": safest.pop("worlds"), **safest,
+            "fewest_calls_rule": first, **out}
 
 
 def whole_command(results: dict) -> str:
@@ -384,9 +404,12 @@ def whole_command(results: dict) -> str:
     kind = "--kind facts " if results.get("kind") == "facts" else ""
     worlds = sorted(results["worlds"], key=int)
     command = "python benchmarks/defer_worlds.py {}--worlds {} --quiet{}"
-    current = [w for w in worlds if int(w) not in RETIRED_WORLDS]
+    call_gate_only = [w for w in worlds if list(results["worlds"][w]["rows"]["deferral"]) == [CALL_GATE]]
+    current = [w for w in worlds if int(w) not in RETIRED_WORLDS and w not in call_gate_only]
     retired = [w for w in worlds if int(w) in RETIRED_WORLDS]
     text = command.format(kind, ",".join(current), "")
+    if call_gate_only:  # worlds added for the call gate alone
+        text += "`, then `" + command.format(kind, ",".join(call_gate_only), f" --variants {CALL_GATE}")
     if retired:  # the first rule's rows: the variants it trained
         text += "`, then `" + command.format(kind, ",".join(retired), " --variants 0,0.3")
     return text
@@ -403,7 +426,10 @@ def write_markdown(results: dict, path: Path) -> None:
              f"Development worlds: {', '.join(map(str, DEVELOPMENT_WORLDS))}; retired (held out for a first rule "
              f"that chose on world 0 alone, then used to change it): {', '.join(map(str, RETIRED_WORLDS))}"
              + ("; the call gate was built after worlds 6-8 had been read, so its headline is read on every "
-                "other held-out world, and worlds 6-8 show it as read before."
+                "other held-out world, and worlds 6-8 show it as read before. The summary's headline is the "
+                f"safest rule's (the most accurate η whose validation source share is at most {SAFE_BUDGET:.0%}, "
+                "ties to the most calls), written down after worlds 6-13 had been read: its held-out worlds are "
+                f"{SAFE_RULE_HELD_OUT_FROM} and up; the first rule's choice is under fewest_calls_rule."
                 if results.get("kind", "composition") == "composition" else "."), "",
              "| world | row | test | seen | unseen | source ran at | source calls / answer | validation | "
              "validation: source at | ms / answer (prefill + 32 tokens) |",

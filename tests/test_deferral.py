@@ -201,9 +201,17 @@ def test_the_price_and_threshold_are_chosen_on_the_development_world_only():
     summary = bench.summary({"worlds": {**{str(w): close_call for w in bench.DEVELOPMENT_WORLDS},
                                         "9": world(9, {bench.CALL_GATE: {0.05: (0, 0.2, 0.5), 0.2: (0, 0.1, 0.5)}}),
                                         "14": world(14, {bench.CALL_GATE: {0.05: (0, 0.2, 0.9), 0.2: (0, 0.1, 0.5)}})}})
-    safest = summary["safest_within_budget"]
-    assert (safest["threshold"], safest["worlds"], safest["on_worlds_read_before"]["worlds"]) == (0.05, [14], [9])
-    assert safest["held_out_accuracy"]["all"]["deferral"] == pytest.approx(0.9)
+    # ... and once such a world is in, its choice is the headline (the first rule's under fewest_calls_rule)
+    assert (summary["headline_rule"], summary["chosen_threshold"], summary["held_out_worlds"]) == (
+        "safest_within_budget", 0.05, [14])
+    assert summary["on_worlds_read_before"]["worlds"] == [9]
+    assert summary["held_out_accuracy"]["all"]["deferral"] == pytest.approx(0.9)
+    assert summary["defer_accuracy_minus_mix"] == pytest.approx(100 * (0.8 - 0.9))  # its unseen: 0.8 against 0.9
+    assert (summary["fewest_calls_rule"]["chosen_threshold"], summary["fewest_calls_rule"]["held_out_worlds"]) == (
+        0.2, [9, 14])
+    facts = bench.summary({"kind": "facts", "worlds": {**{str(w): close_call for w in bench.DEVELOPMENT_WORLDS},
+                                                       "14": world(14, {bench.CALL_GATE: {0.2: (0, 0.1, 0.5)}})}})
+    assert (facts["chosen_threshold"], "headline_rule" in facts) == (0.2, False)  # the fact world's: the first rule
 
 
 def test_the_server_serves_with_deferral_or_says_why_it_cannot(model_folder, tokenizer, tmp_path):

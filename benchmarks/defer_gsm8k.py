@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     if args.rescore:
+        if not path.exists():
+            log(f"--rescore: {path} does not exist; it rescores the answers a decoding run stored there")
+            return 2
         count = max((int(i) + 1 for answers in results["rows"].values() for i in answers), default=0)
         rescore(results, read_rows(Path(args.gsm8k) / "test.jsonl", count))
         results["summary"] = summarise(results["rows"])

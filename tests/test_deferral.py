@@ -472,3 +472,6 @@ def test_defer_gsm8k_rescores_stored_answers_strictly_and_leniently_without_a_mo
     assert [r["flexible_correct"] for r in result["rows"]["target_alone"].values()] == [True, True]
     assert result["summary"]["target_alone"]["exact_match"] == 0.5
     assert result["summary"]["target_alone"]["flexible_match"] == 1.0
+    missing = tmp_path / "none.json"
+    assert bench.main(["--rescore", "--output", str(missing), "--gsm8k", str(tmp_path / "gsm8k")]) == 2
+    assert not missing.exists()  # nothing written where nothing was stored

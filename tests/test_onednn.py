@@ -99,11 +99,25 @@ def test_the_server_swaps_on_request_and_decodes_the_same(model_folder, tokenize
     tokenizer.padding_side = "left"
     batch = tokenizer(["The quick brown fox", "A small model reads"], return_tensors="pt", padding=True)
     (plain,) = load_served_models(tmp_path / "defers")
-    (fast,) = load_served_models(tmp_path / "defers", cpu_linear="onednn")
+    fast, source_alone = load_served_models(tmp_path / "defers", compare=["source"], cpu_linear="onednn")
     assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
     assert any(isinstance(m, OneDNNLinear) for m in fast.model.modules())
     assert "float32 linear layers through oneDNN" in fast.note and plain.note is None
+    assert "swapped nothing" not in source_alone.note  # the composed model's own source, swapped with it
     expected = plain.model.generate(**batch, max_new_tokens=6, do_sample=False)
     assert torch.equal(fast.model.generate(**batch, max_new_tokens=6, do_sample=False), expected)
     with pytest.raises(LLMModulesError, match="--device cpu"):
         load_served_models(tmp_path / "defers", device="cuda", cpu_linear="onednn")
+
+
+def test_a_swapped_deferring_model_stays_causal(model_folder, tokenizer):
+    """Perturb the future: with oneDNN linears and η set, the past positions' logits do not move."""
+    model = deferring_model(model_folder, tokenizer)
+    use_onednn_linears(model)
+    ids = tokenizer(["The quick brown fox jumps over the lazy dog"], return_tensors="pt").input_ids
+    changed = ids.clone()
+    changed[:, 6:] = torch.randint(5, 200, changed[:, 6:].shape)
+    with torch.no_grad():
+        original, perturbed = model(input_ids=ids).logits, model(input_ids=changed).logits
+    torch.testing.assert_close(perturbed[:, :6], original[:, :6], rtol=0, atol=1e-6)
+    assert not torch.allclose(perturbed[:, 6:], original[:, 6:])  # the perturbation reached the future

@@ -74,7 +74,7 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
     ``cpu_linear="onednn"``: every float32 linear layer of every served model through oneDNN (``model/onednn.py``:
     the same numbers, faster on a CPU, most of all for a deferral's catch-up over several tokens)."""
     from ..model.modeling import LLMModulesForCausalLM
-    from ..model.onednn import check_cpu_linear, for_decoding
+    from ..model.onednn import OneDNNLinear, check_cpu_linear, for_decoding
 
     check_cpu_linear(cpu_linear, device)  # before anything loads
 
@@ -97,8 +97,10 @@ def load_served_models(run: str | Path, compare: Sequence[str] = (), device: str
         served.append(_target_alone(composed, tokenizer, device, max_model_len))
     _unique_ids(served)
     for model in served:  # served models only decode
-        swapped = for_decoding(model.model, cpu_linear, device)
+        for_decoding(model.model, cpu_linear, device)
         if cpu_linear == "onednn":  # said at start-up and in /v1/models: a bfloat16 model has nothing to swap
+            # counted, not taken from the swap: the source alone is the composed model's own, swapped with it
+            swapped = sum(isinstance(m, OneDNNLinear) for m in model.model.modules())
             said = (f"{swapped} float32 linear layers through oneDNN" if swapped else
                     f"--cpu-linear onednn swapped nothing (no frozen float32 linear layers: the model is {model.model.dtype})")
             model.note = "; ".join(filter(None, [model.note, said]))

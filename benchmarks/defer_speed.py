@@ -4,11 +4,20 @@
     python benchmarks/defer_speed.py --dtype bfloat16   # the dtype the library loads in on a CPU that computes it
     python benchmarks/defer_speed.py --shapes tiny      # a smoke run
     python benchmarks/defer_speed.py --linear onednn    # float32 linears of every model through oneDNN (model/onednn.py)
+    python benchmarks/defer_speed.py --dtype bfloat16 --target-dtype float32 --linear onednn
+                                                        # what the library builds on a bf16 CPU: the frozen source in
+                                                        # its checkpoint's bf16, the (trained) target in float32
 
 Time per answer = the prompt's prefill plus ``--new-tokens`` decoded greedily (no early stop), batch 1, median of
 ``--repeats`` rounds; each round times every configuration once, and a ratio to the source alone is taken within a
 round (median over rounds ± half their range), so a slow spell of a shared machine falls on all of them alike. The
 per-step column is secondary: (time per answer - time of the prefill and one token) / (new tokens - 1).
+
+``--dtype`` is the source's; ``--target-dtype`` the target's (by default the same). The library itself loads a frozen
+source in its checkpoint's dtype (bfloat16 for Qwen2, kept on a CPU that computes it natively) and keeps the target,
+which trains, in float32 (model/loading.py). Where the source is bfloat16 the source alone is also timed in float32
+(``source_alone_float32``, through the same linear kernel), and every ratio is to the faster of the two in that
+round: a composition is only cheaper than the large model if it is cheaper than the large model at its fastest.
 
 Configurations: the target alone, the source alone, fusion with prompt memory (blocks before every 4th target
 layer; the source reads the prompt once), the every-token mixture (fusion, no blocks, ``source_mix``: the source
@@ -82,7 +91,7 @@ def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[
     of them alike; each answer's ratio to the source alone's is taken within its round. configurations: name ->
     (model, set-up called before each timing). Returns per name: the median seconds per answer, the median of
     prefill + one token, the per-step median derived from them, and the ratio to the source alone (median and half
-    the range over rounds)."""
+    the range over rounds; where several rows time the source alone, ``source_alone*``, to the fastest in the round)."""
     for model, set_up in configurations.values():  # warm-up
         set_up()
         seconds(model, prompts[:1], 2)
@@ -94,9 +103,10 @@ def time_interleaved(configurations: dict[str, tuple[torch.nn.Module, Callable[[
             whole[name].append(seconds(model, prompts, new_tokens))
             first[name].append(seconds(model, prompts, 1))
         log(f"round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {w[-1]:.2f}s" for n, w in whole.items()))
+    fastest_source = [min(times) for times in zip(*(w for n, w in whole.items() if n.startswith("source_alone")))]
     rows = {}
     for name in configurations:
-        ratios = [w / s for w, s in zip(whole[name], whole["source_alone"])]
+        ratios = [w / s for w, s in zip(whole[name], fastest_source)]
         median_whole, median_first = statistics.median(whole[name]), statistics.median(first[name])
         rows[name] = {"seconds_per_answer": median_whole, "prefill_and_first_token": median_first,
                       "seconds_per_step": (median_whole - median_first) / max(new_tokens - 1, 1),
@@ -146,11 +156,15 @@ def held_out_fraction() -> float | None:
 
 
 def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: torch.dtype = torch.float32,
-        prompt_count: int = 1, aims: tuple[float, ...] = CALL_FRACTIONS, linear: str = "torch") -> dict:
+        prompt_count: int = 1, aims: tuple[float, ...] = CALL_FRACTIONS, linear: str = "torch",
+        target_dtype: torch.dtype | None = None) -> dict:
+    """dtype: the source's; target_dtype: the target's (None: the same)."""
     torch.manual_seed(0)
     source = random_causal_lm(source_config(shapes), dtype, "cpu")
     vocab = int(source.config.vocab_size)
-    target = random_causal_lm(target_config(shapes, vocab), dtype, "cpu", seed=1)
+    target = random_causal_lm(target_config(shapes, vocab), target_dtype or dtype, "cpu", seed=1)
+    # the source alone at its other speed: the same weights in float32 (a bfloat16 source is not always the faster)
+    source_float32 = random_causal_lm(source_config(shapes), torch.float32, "cpu") if dtype != torch.float32 else None
     tokenizer = build_tokenizer()  # stands in for the one tokenizer: the inputs are ids
     common = dict(tokenizer=tokenizer, source_tokenizer=tokenizer, topology="fusion", attention_dropout=0.0)
     prompts = [torch.randint(1, min(vocab, 30000), (1, prompt_length)) for _ in range(prompt_count)]
@@ -165,15 +179,18 @@ def run(shapes: str, prompt_length: int, new_tokens: int, repeats: int, dtype: t
     with torch.no_grad():  # a random call gate whose score spreads over (0, 1), so that η can split the positions
         mixture.head.mixture.call_gate.weight.normal_(0, 4 / mixture.target.config.hidden_size ** 0.5)
     if linear == "onednn":  # every configuration alike: the parents are shared, the composed parts swapped too
-        swapped = sum(use_onednn_linears(m.requires_grad_(False)) for m in (source, target, fusion, mixture))
+        models = (source, target, fusion, mixture, *([source_float32] if source_float32 is not None else []))
+        swapped = sum(use_onednn_linears(m.requires_grad_(False)) for m in models)
         log(f"{swapped} float32 linear layers through oneDNN")
 
     def at(threshold: float | None) -> Callable[[], None]:
         return lambda: setattr(mixture.config, "defer_threshold", threshold)
 
     nothing = lambda: None  # noqa: E731
-    configurations = {"target_alone": (target, nothing), "source_alone": (source, nothing),
-                      "fusion_prompt_memory": (fusion, nothing), "every_token_mixture": (mixture, at(None))}
+    configurations = {"target_alone": (target, nothing), "source_alone": (source, nothing)}
+    if source_float32 is not None:
+        configurations["source_alone_float32"] = (source_float32, nothing)
+    configurations |= {"fusion_prompt_memory": (fusion, nothing), "every_token_mixture": (mixture, at(None))}
     measured = held_out_fraction()
     fractions = sorted({*aims, *([round(measured, 3)] if measured is not None else [])})
     aimed: dict[str, tuple[float, float]] = {}  # row -> (η, the first share it was aimed at: two aims may meet)
@@ -204,18 +221,20 @@ def headline(rows: dict) -> dict:
 
 def write_markdown(result: dict, path: Path) -> None:
     linear = "" if result.get("linear", "torch") == "torch" else f", linears through {result['linear']}"
-    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {result.get('dtype', 'float32')}{linear})",
+    dtype, target_dtype = result.get("dtype", "float32"), result.get("target_dtype", result.get("dtype", "float32"))
+    dtypes = dtype if target_dtype == dtype else f"source {dtype}, target {target_dtype}"
+    lines = [f"# End-to-end time per answer ({result['shapes']} shapes, CPU, {dtypes}{linear})",
              "",
              f"`{result['command']}`: prompt {result['prompt']} tokens + {result['new_tokens']} new tokens, batch 1, "
              f"mean over {result.get('prompts', 1)} random prompt(s), "
              f"median of {result['repeats']} interleaved rounds; {result['machine'].get('cpu', result['machine'])}, commit {result['commit']}. Random weights: no accuracy here (trained rows: "
              "`defer-worlds.md`).", "",
-             "| configuration | s / answer (end to end) | × source alone (± half range over rounds) | source ran at | "
+             "| configuration | s / answer (end to end) | × the faster source alone (± half range over rounds) | source ran at | "
              "source calls | s / step (secondary) |",
              "|---|---|---|---|---|---|"]
     for name, row in result["rows"].items():
         fraction = row.get("source_position_fraction")
-        ran = "100%" if name in ("source_alone", "every_token_mixture") else (
+        ran = "100%" if name.startswith("source_alone") or name == "every_token_mixture" else (
             f"{fraction:.0%}" if fraction is not None else ("prompt only" if "prompt" in name else "never"))
         lines.append(f"| {name} | {row['seconds_per_answer']:.2f} | {row['vs_source_alone']:.2f} ± "
                      f"{row.get('vs_source_alone_spread', 0):.2f} | {ran} | "
@@ -246,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each times every configuration once")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="of both models (bfloat16: the library's choice on a CPU that computes it natively)")
+                        help="of the source (bfloat16: the library's choice on a CPU that computes it natively) and, "
+                        "unless --target-dtype says otherwise, of the target")
+    parser.add_argument("--target-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="of the target (the library keeps a trained target in float32); default: --dtype")
     parser.add_argument("--prompts", type=int, default=1,
                         help="random prompts per timing (a time and a share are means over them: with one, the share "
                         "jumps as the tokens deferral chose change what the gate reads)")
@@ -256,15 +278,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="onednn: every frozen float32 linear layer through oneDNN (model/onednn.py); "
                         "bfloat16 already is")
     args = parser.parse_args(argv)
+    target_dtype = args.target_dtype or args.dtype
     rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype), args.prompts,
-               args.aims, args.linear)
-    result = {"shapes": args.shapes, "dtype": args.dtype, "linear": args.linear, "prompt": args.prompt, "new_tokens": args.new_tokens,
+               args.aims, args.linear, getattr(torch, target_dtype))
+    result = {"shapes": args.shapes, "dtype": args.dtype, "target_dtype": target_dtype, "linear": args.linear, "prompt": args.prompt, "new_tokens": args.new_tokens,
               "repeats": args.repeats, "prompts": args.prompts,
               "threads": torch.get_num_threads(), "machine": machine_description("cpu"), "commit": git_commit(),
               "command": "python benchmarks/defer_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "rows": rows}
     result["summary"] = headline(rows)
-    variant = "" if (args.prompts, args.aims) == (1, CALL_FRACTIONS) else f"-prompts{args.prompts}"
+    variant = "" if target_dtype == args.dtype else f"-target-{target_dtype}"
+    variant += "" if (args.prompts, args.aims) == (1, CALL_FRACTIONS) else f"-prompts{args.prompts}"
     variant += "" if args.linear == "torch" else f"-{args.linear}"
     write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}{variant}.json", write_markdown)
     return 0

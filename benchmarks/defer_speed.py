@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--linear", choices=("torch", "onednn"), default="torch",
                         help="onednn: every frozen float32 linear layer through oneDNN (model/onednn.py); "
                         "bfloat16 already is")
+    parser.add_argument("--label", default="", help="appended to the results file's name (a second run of the same "
+                        "command, kept beside the first)")
     args = parser.parse_args(argv)
     target_dtype = args.target_dtype or args.dtype
     rows = run(args.shapes, args.prompt, args.new_tokens, args.repeats, getattr(torch, args.dtype), args.prompts,
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = "" if target_dtype == args.dtype else f"-target-{target_dtype}"
     variant += "" if (args.prompts, args.aims) == (1, CALL_FRACTIONS) else f"-prompts{args.prompts}"
     variant += "" if args.linear == "torch" else f"-{args.linear}"
+    variant += f"-{args.label}" if args.label else ""
     write_json_and_markdown(result, RESULTS / f"defer-speed-{args.shapes}-cpu-{args.dtype}{variant}.json", write_markdown)
     return 0
 

@@ -353,8 +353,8 @@ def test_the_speed_benchmarks_write_what_the_readme_reads(tmp_path, monkeypatch)
     # the library's own mix on a bf16 CPU: a bfloat16 source, a float32 target; the source alone is also timed in
     # float32, and every ratio is to the faster of the two in its round
     defer_speed.main(["--shapes", "tiny", "--repeats", "1", "--new-tokens", "4", "--prompt", "8", "--dtype", "bfloat16",
-                      "--target-dtype", "float32"])
-    mixed = json.loads((tmp_path / "defer-speed-tiny-cpu-bfloat16-target-float32.json").read_text())
+                      "--target-dtype", "float32", "--label", "run2"])
+    mixed = json.loads((tmp_path / "defer-speed-tiny-cpu-bfloat16-target-float32-run2.json").read_text())
     assert mixed["target_dtype"] == "float32" and "source_alone_float32" in mixed["rows"]
     sources = [mixed["rows"][name]["vs_source_alone"] for name in ("source_alone", "source_alone_float32")]
     assert min(sources) == 1.0 and max(sources) >= 1.0

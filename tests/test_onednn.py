@@ -19,10 +19,10 @@ DEFER = dict(topology="fusion", memory="sequence", head="source_mix", fusion_lay
              attention_dropout=0.0, mixture_gate="confidence", call_gate=True)
 
 
-def deferring_model(model_folder, tokenizer) -> LLMModulesForCausalLM:
+def deferring_model(model_folder, tokenizer, **extra) -> LLMModulesForCausalLM:
     parents = model_folder("qwen2", hidden=48), model_folder("llama", seed=1)  # built (drawing numbers) before seeding
     torch.manual_seed(0)
-    model = LLMModulesForCausalLM.compose(*parents, tokenizer=tokenizer, **DEFER).eval()
+    model = LLMModulesForCausalLM.compose(*parents, tokenizer=tokenizer, **DEFER, **extra).eval()
     with torch.no_grad():  # a call gate that varies with the target, η at its upper quartile: η splits the positions
         model.head.mixture.call_gate.weight.normal_(0, 0.5)
         batch = tokenizer(["The quick brown fox jumps", "A small model reads a large one"], return_tensors="pt",
@@ -50,6 +50,25 @@ def test_swapped_model_decodes_as_the_original(model_folder, tokenizer):
     assert any(type(m) is nn.Linear for m in model.head.mixture.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(**batch, max_new_tokens=8, do_sample=False), before)
+    assert model.last_deferral.report() == report
+
+
+def test_a_bfloat16_source_with_a_swapped_float32_target_defers_as_before(model_folder, tokenizer):
+    """The library's own mix on a CPU that computes bf16 (model/loading.py): the frozen source in bf16 keeps torch's
+    kernels, the float32 target and gates go through oneDNN, and deferral decodes the same tokens and report."""
+    model = deferring_model(model_folder, tokenizer, source_dtype="bfloat16")
+    assert model.source.dtype == torch.bfloat16 and model.target.dtype == torch.float32
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The quick brown fox", "A small model reads"], return_tensors="pt", padding=True)
+    before = model.generate(**batch, max_new_tokens=8, do_sample=False)
+    report = model.last_deferral.report()
+    fractions = [row["source_position_fraction"] for row in report]
+    assert 0 < sum(fractions) / len(fractions) < 1  # deferral really skips and really calls here
+
+    assert use_onednn_linears(model.requires_grad_(False)) > 0
+    assert not any(isinstance(m, OneDNNLinear) for m in model.source.modules())
+    assert any(isinstance(m, OneDNNLinear) for m in model.target.modules())
     assert torch.equal(model.generate(**batch, max_new_tokens=8, do_sample=False), before)
     assert model.last_deferral.report() == report
 

@@ -1,7 +1,7 @@
 """End-to-end time per answer of every configuration the README names, at the paper's shapes (issue 25, item 3).
 
     python benchmarks/defer_speed.py                    # Qwen2-1.5B-shaped source, GPT-Neo-125M-shaped target
-    python benchmarks/defer_speed.py --dtype bfloat16   # the dtype the library loads in on a CPU that computes it
+    python benchmarks/defer_speed.py --dtype bfloat16   # both models in bf16 (the source's dtype on a CPU that computes it)
     python benchmarks/defer_speed.py --shapes tiny      # a smoke run
     python benchmarks/defer_speed.py --linear onednn    # float32 linears of every model through oneDNN (model/onednn.py)
     python benchmarks/defer_speed.py --dtype bfloat16 --target-dtype float32 --linear onednn
